@@ -1,0 +1,5 @@
+"""hrmloss: fused causal-LM cross-entropy + hrm * KL-to-a-reference, with Triton kernels and a torch path."""
+from .loss import HRMLoss, HRMLossOutput, hrm_loss
+
+__all__ = ["HRMLoss", "HRMLossOutput", "hrm_loss"]
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""Pieces both backends share: the row layout and the step from partial row statistics to ce and kl.
+
+Partial statistics, one row of 6 fp32 per token (DESIGN.md §1, notation of kernels/hrm_loss.py):
+
+    lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w]
+
+They are what one pass over (a shard of) the vocabulary yields; `finalize` turns the statistics of the
+whole vocabulary into per-row ce, kl and the 5 final statistics the gradient pass reads:
+
+    lse_s, lse_u, lse_w, kl_p, kl_q
+    kl_p = KL(p||q) = ep - lse_w + lse_u,  kl_q = KL(q||p) = eq - lse_u + lse_w   (forward / reverse)
+    kl_p = KL(p||m), kl_q = KL(q||m)  from the second (JSD) pass                   (jsd)
+"""
+import torch
+
+N_PARTIAL = 6
+N_FINAL = 5
+
+
+def rows_3d(x):
+    """View x (..., V) as (B, T, V) with unit stride on V, without a copy when its layout allows.
+
+    A flat (N, V) row layout becomes (1, N, V); a shifted view such as logits[:, :-1] of a (B, T+1, V)
+    tensor stays (B, T, V) with its own strides. Only a last dim that is not contiguous, or a layout
+    of more than two non-mergeable leading dims, is copied.
+    """
+    V = x.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        return x.view(1, -1, V)
+    except RuntimeError:
+        pass
+    if x.dim() > 3:
+        x = x.reshape(-1, x.shape[-2], V)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+    return x
+
+
+def finalize(partial, jsd_sums, labels, opts):
+    """(N, 6) partial statistics of the whole vocabulary -> per-row loss, ce, kl and (N, 5) final stats.
+
+    jsd_sums: (N, 2) [KL(p||m), KL(q||m)] for kl="jsd", else None. Ignored rows get zeros everywhere.
+    """
+    lse_s, s_y, lse_u, lse_w, ep, eq = partial.unbind(1)
+    if opts.kl == "jsd":
+        kl_p, kl_q = jsd_sums.unbind(1)
+        kl = opts.beta * kl_p + (1.0 - opts.beta) * kl_q
+    else:
+        kl_p = ep - lse_w + lse_u
+        kl_q = eq - lse_u + lse_w
+        kl = kl_p if opts.kl == "forward" else kl_q
+    live = labels != opts.ignore_index
+    zero = partial.new_zeros(())
+    ce = torch.where(live, lse_s - s_y, zero)
+    kl = torch.where(live, kl, zero)
+    final = torch.where(live[:, None], torch.stack((lse_s, lse_u, lse_w, kl_p, kl_q), 1), zero)
+    loss = ce if opts.hrm == 0 else ce + opts.hrm * kl  # hrm = 0 ignores even an infinite kl
+    return loss, ce, kl, final

@@ -1,0 +1,250 @@
+"""Triton kernels for the fused loss  loss_i = ce_i + hrm * kl_i  (see DESIGN.md §1).
+
+One program handles one row (token) and streams its vocabulary in blocks of BLOCK_V. Notation, per row:
+
+    s  student logits,  u = s / T,  q = softmax(u)     (q1 = softmax(s) for the CE term)
+    t  reference logits, w = t / T,  p = softmax(w)
+    lse_s = logsumexp(s), lse_u = logsumexp(u), lse_w = logsumexp(w)
+
+Three kernels, one family:
+
+1. `_hrm_stats_kernel` (read s, t once; write 6 floats a row): the *partial* row statistics
+       lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w]
+   from online max / sum-exp with running rescaling. They are combinable over vocabulary shards
+   (lse by logsumexp, the expectations weighted by exp(lse_shard - lse), s[y] by sum), which is what
+   the vocabulary-parallel path merges before finalising. With them
+       ce = lse_s - s[y],  KL(p||q) = ep - lse_w + lse_u,  KL(q||p) = eq - lse_u + lse_w.
+2. `_hrm_jsd_kernel` (read s, t once more; JSD only): with the final lse_u, lse_w and
+   m = beta p + (1 - beta) q, the sums  kpm = KL(p||m),  kqm = KL(q||m);
+   JSD = beta kpm + (1 - beta) kqm.  Needs both normalisers first, hence the second pass.
+3. `_hrm_grad_kernel` (read s, t, write ds [and dt]): the gradient, scaled per row by g_i
+   (grad_output times the reduction's factor, 0 for ignored rows):
+       ds = g * ((q1 - onehot(y)) + hrm / T * dkl/du),   dt = g * hrm / T * dkl/dw
+   with, for KIND = 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD:
+       0:  dkl/du = q - p                                  dkl/dw = p (log p - log q - KL(p||q))
+       1:  dkl/du = q (log q - log p - KL(q||p))           dkl/dw = p - q
+       2:  dkl/du = (1-b) q (log q - log m - KL(q||m))     dkl/dw = b p (log p - log m - KL(p||m))
+
+Traffic (NVs = bytes of one logits tensor): stats 2 (s and t once), grad 3 (s, t, ds), JSD +2.
+Rows whose label is ignore_index read nothing (masked loads) and get a zero gradient.
+-inf logits are legal: probability 0, gradient 0; a p > 0 facing q = 0 (or the reverse) gives +inf.
+"""
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+FWD, REV, JSD = 0, 1, 2  # KIND constexpr values
+
+
+@triton.jit
+def _row_offset(row, T_rows, stride_b, stride_t):
+    # logits are viewed as (B, T_rows, V) with strides (stride_b, stride_t, 1); row = b * T_rows + t
+    return (row // T_rows) * stride_b + (row % T_rows) * stride_t
+
+
+@triton.jit
+def _online_update(m, d, a, x, y):
+    # Running max m, sum d = sum_j e^(x_j - m) and weighted sum a = sum_j e^(x_j - m) (x_j - y_j),
+    # updated with one block x (with -inf at masked lanes). Terms where x = -inf are 0; where x is
+    # finite and y = -inf the term is +inf (the divergence is infinite there).
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # avoid (-inf) - (-inf)
+    r = tl.exp(m - m_ref)
+    e = tl.exp(x - m_ref)
+    diff = tl.where(x == NEG_INF, 0.0, tl.where(y == NEG_INF, float("inf"), e * (x - y)))
+    return m_new, d * r + tl.sum(e, 0), a * r + tl.sum(diff, 0)
+
+
+@triton.jit
+def _lse_and_mean(m, d, a):
+    # (m, d, a) -> (logsumexp, a / d), with an empty (all -inf) row giving (-inf, 0)
+    lse = tl.where(d == 0.0, NEG_INF, m + tl.log(d))
+    return lse, tl.where(d == 0.0, 0.0, a / tl.where(d == 0.0, 1.0, d))
+
+
+@triton.jit
+def _hrm_stats_kernel(
+    s_ptr,          # [B, T_rows, V] student logits, strides (s_stride_b, s_stride_t, 1)
+    s_stride_b, s_stride_t,
+    t_ptr,          # [B, T_rows, V] reference logits, strides (t_stride_b, t_stride_t, 1)
+    t_stride_b, t_stride_t,
+    y_ptr,          # [N] labels (int32/int64), N = B * T_rows
+    stats_ptr,      # [N, 6] fp32 out: lse_s, s[y], lse_u, lse_w, ep, eq
+    T_rows,         # rows per leading index
+    V,              # vocabulary (shard) size
+    vocab_start,    # first global id of this shard (0 without sharding)
+    inv_temp,       # 1 / T
+    ignore_index,
+    SCALED: tl.constexpr,   # T != 1: keep separate statistics for u = s / T
+    BLOCK_V: tl.constexpr,
+):
+    # read s and t once: 2 NVs; write 24 bytes a row
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(y_ptr + row).to(tl.int64)
+    live = y != ignore_index
+    V_live = tl.where(live, V, 0)  # an ignored row reads nothing
+    s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
+    t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
+    zero = tl.zeros([], tl.float32)
+    m_s, d_s = zero + NEG_INF, zero
+    m_u, d_u, a_u = zero + NEG_INF, zero, zero   # a_u = sum e^(u - m_u) (u - w)
+    m_w, d_w, a_w = zero + NEG_INF, zero, zero   # a_w = sum e^(w - m_w) (w - u)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V_live
+        # 1. load one block of each row and go to fp32 at once
+        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        w = t * inv_temp
+        # 2. online max / sum-exp; the KL accumulators ride on the same exponentials
+        if SCALED:
+            u = s * inv_temp
+            m_s, d_s, _unused = _online_update(m_s, d_s, zero, s, s)
+        else:
+            u = s
+        m_u, d_u, a_u = _online_update(m_u, d_u, a_u, u, w)
+        m_w, d_w, a_w = _online_update(m_w, d_w, a_w, w, u)
+    # 3. normalise: lse and the expectations E_q[u - w], E_p[w - u]
+    lse_u, eq = _lse_and_mean(m_u, d_u, a_u)
+    lse_w, ep = _lse_and_mean(m_w, d_w, a_w)
+    if SCALED:
+        lse_s, _unused2 = _lse_and_mean(m_s, d_s, zero)
+    else:
+        lse_s = lse_u
+    # 4. the target logit, if this shard owns the label (one element)
+    y_local = y - vocab_start
+    owned = live & (y_local >= 0) & (y_local < V)
+    s_y = tl.load(s_row + tl.where(owned, y_local, 0), mask=owned, other=0.0).to(tl.float32)
+    out = stats_ptr + row * 6
+    tl.store(out + 0, lse_s)
+    tl.store(out + 1, s_y)
+    tl.store(out + 2, lse_u)
+    tl.store(out + 3, lse_w)
+    tl.store(out + 4, ep)
+    tl.store(out + 5, eq)
+
+
+@triton.jit
+def _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED: tl.constexpr):
+    # log q = u - lse_u, log p = w - lse_w and the probabilities (0 at -inf logits)
+    if SCALED:
+        lq = s * inv_temp - lse_u
+    else:
+        lq = s - lse_u
+    lp = t * inv_temp - lse_w
+    return lq, lp, tl.exp(lq), tl.exp(lp)
+
+
+@triton.jit
+def _xlog_ratio(x, la, lb):
+    # x * (la - lb) with 0 where x = 0 (so -inf - -inf never becomes NaN)
+    return tl.where(x == 0.0, 0.0, x * (la - lb))
+
+
+@triton.jit
+def _log_mixture(lq, lp, beta):
+    # log m = log(beta p + (1 - beta) q), computed as a logaddexp of the two log terms
+    a = lp + tl.log(beta)
+    b = lq + tl.log(1.0 - beta)
+    hi = tl.maximum(a, b)
+    hi_ref = tl.where(hi == NEG_INF, 0.0, hi)
+    return hi_ref + tl.log(tl.exp(a - hi_ref) + tl.exp(b - hi_ref))
+
+
+@triton.jit
+def _hrm_jsd_kernel(
+    s_ptr, s_stride_b, s_stride_t,   # [B, T_rows, V] student logits
+    t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V] reference logits
+    y_ptr,          # [N] labels
+    lse_ptr,        # [N, 2] fp32 in: final lse_u, lse_w (over the whole vocabulary)
+    out_ptr,        # [N, 2] fp32 out: partial sums kpm = sum p log(p/m), kqm = sum q log(q/m)
+    T_rows, V, inv_temp, beta, ignore_index,
+    SCALED: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # read s and t once more: 2 NVs
+    row = tl.program_id(0).to(tl.int64)
+    V_live = tl.where(tl.load(y_ptr + row).to(tl.int64) != ignore_index, V, 0)
+    s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
+    t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
+    lse_u = tl.load(lse_ptr + row * 2)
+    lse_w = tl.load(lse_ptr + row * 2 + 1)
+    kpm = tl.zeros([BLOCK_V], tl.float32)
+    kqm = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V_live
+        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
+        lm = _log_mixture(lq, lp, beta)
+        kpm += _xlog_ratio(p, lp, lm)
+        kqm += _xlog_ratio(q, lq, lm)
+    tl.store(out_ptr + row * 2, tl.sum(kpm, 0))
+    tl.store(out_ptr + row * 2 + 1, tl.sum(kqm, 0))
+
+
+@triton.jit
+def _hrm_grad_kernel(
+    s_ptr, s_stride_b, s_stride_t,   # [B, T_rows, V] student logits
+    t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V] reference logits
+    y_ptr,          # [N] labels
+    stats_ptr,      # [N, 5] fp32 in: lse_s, lse_u, lse_w, kl_p, kl_q (final; see _finalize)
+    g_ptr,          # [N] fp32 in: per-row scale g_i (grad_output x reduction factor)
+    ds_ptr,         # [N, V] out, dtype of s: d loss / d s (contiguous rows of ds_stride)
+    ds_stride,
+    dt_ptr,         # [N, V] out, dtype of t: d loss / d t (only when REF_GRAD)
+    dt_stride,
+    T_rows, V, vocab_start, hrm, inv_temp, beta, ignore_index,
+    KIND: tl.constexpr,      # 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD
+    SCALED: tl.constexpr,    # T != 1
+    READ_REF: tl.constexpr,  # hrm != 0 or REF_GRAD: the divergence's gradient is needed
+    REF_GRAD: tl.constexpr,  # write dt
+    BLOCK_V: tl.constexpr,
+):
+    # read s (and t when READ_REF), write ds (and dt): 3 NVs for the usual case
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(y_ptr + row).to(tl.int64)
+    live = y != ignore_index
+    g = tl.where(live, tl.load(g_ptr + row), 0.0)
+    live = live & (g != 0.0)
+    V_live = tl.where(live, V, 0)  # nothing to read for an ignored or zero-weight row
+    s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
+    t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
+    st = stats_ptr + row * 5
+    lse_s = tl.load(st + 0)
+    lse_u = tl.load(st + 1)
+    lse_w = tl.load(st + 2)
+    kl_p = tl.load(st + 3)   # KL(p||q), or KL(p||m) for JSD
+    kl_q = tl.load(st + 4)   # KL(q||p), or KL(q||m) for JSD
+    y_local = y - vocab_start
+    c = hrm * inv_temp
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        mask = cols < V_live
+        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        # 1. cross-entropy: d ce / d s = q1 - onehot(y)
+        q1 = tl.exp(s - lse_s)
+        ds = q1 - tl.where(cols == y_local, 1.0, 0.0)
+        if READ_REF:
+            t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+            lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
+            # 2. divergence: the formulas of the module docstring, 0 where the probability is 0
+            if KIND == 0:
+                dku = q - p
+                dkw = _xlog_ratio(p, lp, lq) - p * kl_p
+            elif KIND == 1:
+                dku = _xlog_ratio(q, lq, lp) - q * kl_q
+                dkw = p - q
+            else:
+                lm = _log_mixture(lq, lp, beta)
+                dku = (1.0 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
+                dkw = beta * (_xlog_ratio(p, lp, lm) - p * kl_p)
+            ds += c * dku
+            if REF_GRAD:
+                dt = tl.where(live, g * c * dkw, 0.0)
+                tl.store(dt_ptr + row * dt_stride + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row)
+        # 3. scale by g; a dead row writes zeros (its statistics are not meaningful)
+        ds = tl.where(live, g * ds, 0.0)
+        tl.store(ds_ptr + row * ds_stride + cols, ds.to(ds_ptr.dtype.element_ty), mask=in_row)
