@@ -1,0 +1,146 @@
+"""Vocabulary-parallel loss: merge the per-shard row statistics of the core passes over a process group.
+
+With a tensor-parallel output layer, rank r of a group of W ranks holds the logits of the contiguous
+vocabulary shard [r V_l, (r+1) V_l) (equal shards of V_l columns, global vocabulary V = W V_l) and the
+labels, with global ids, are the same on every rank. Each rank runs the core passes on its shard; the
+shard statistics combine exactly (notation of kernels/hrm_loss.py, shards r = 0..W-1):
+
+    lse      = log sum_r exp(lse_r)                          for lse_s, lse_u, lse_w
+    E_p[w-u] = sum_r exp(lse_w,r - lse_w) E_p,r[w-u]          E_p,r: the expectation under the shard's
+    E_q[u-w] = sum_r exp(lse_u,r - lse_u) E_q,r[u-w]                 own softmax (its partial stats)
+    s[y]     = sum_r s_r[y]                                   (only the owner's is non-zero)
+    KL(p||m), KL(q||m) = sum_r of the shard sums              (JSD second pass, given the merged lse)
+
+Collectives per forward call, all `all_reduce` on tensors of the logits' device, N = rows:
+
+    1. check: MAX of 6 int64, [V_l, -V_l, N, -N, c, -c] (c a checksum of the labels)
+    2. stats: MAX of (N, 3) fp32, the shard lse (a stable reference for the exponentials)
+    3. stats: SUM of (N, 6) fp32, the rescaled sums, s[y] and the weighted expectations
+    4. (kl="jsd" only) SUM of (N, 2) fp32, the JSD partial sums
+
+so 3 (forward, reverse) or 4 (jsd) collectives of at most 6N floats, never the logits. The backward pass
+reads the merged statistics saved by the forward and needs no communication: each rank writes the
+gradient of its own shard.
+"""
+import torch
+import torch.distributed as dist
+
+INF = float("inf")
+_LSE_COLS = [0, 2, 3]  # lse_s, lse_u, lse_w in the (N, 6) partial statistics of hrmloss._core
+
+
+def _labels_checksum(labels):
+    # sum_i (i + 1) * y_i in int64 (wrapping identically everywhere): differs when labels differ in
+    # value or in order across ranks, at the cost of one elementwise pass over N integers
+    weights = torch.arange(1, labels.numel() + 1, device=labels.device, dtype=torch.int64)
+    return (labels.long() * weights).sum()
+
+
+def _share_times(share, lse, x):
+    """share * x for a shard's expectation x; 0 for an empty shard (lse = -inf), +inf kept when x = +inf.
+
+    x = +inf means p > 0 faces q = 0 in this shard: the divergence is infinite whatever the share.
+    """
+    value = torch.where(x == INF, x, share * x)
+    return torch.where(lse == -INF, torch.zeros((), dtype=x.dtype, device=x.device), value)
+
+
+class VocabShard:
+    """This rank's place in a vocabulary-parallel group, and the merges of the core statistics over it.
+
+    Built by `vocab_shard`, which checks that the ranks agree. `vocab_start` = rank * v_local is the
+    first global id of the shard, `vocab_size` = world * v_local the global vocabulary.
+    """
+
+    def __init__(self, group, rank, world, v_local):
+        self.group, self.rank, self.world, self.v_local = group, rank, world, v_local
+
+    @property
+    def vocab_start(self):
+        return self.rank * self.v_local
+
+    @property
+    def vocab_size(self):
+        return self.world * self.v_local
+
+    def merge_stats(self, partial):
+        """(N, 6) fp32 statistics of this shard -> (N, 6) of the whole vocabulary (2 all_reduce).
+
+        Rows whose every shard is empty (all -inf) get lse = -inf and expectations 0, like one process.
+        """
+        lse = partial[:, _LSE_COLS]                          # (N, 3), a fresh contiguous tensor
+        top = lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        top = torch.where(top == -INF, torch.zeros((), dtype=top.dtype, device=top.device), top)
+        share = torch.exp(lse - top)                         # this shard's sum-exp, rescaled to top
+        sums = torch.stack((
+            share[:, 0], share[:, 1], share[:, 2],
+            partial[:, 1],                                   # s[y]: only the owner's is non-zero
+            _share_times(share[:, 2], lse[:, 2], partial[:, 4]),   # weighted E_p,r[w - u]
+            _share_times(share[:, 1], lse[:, 1], partial[:, 5]),   # weighted E_q,r[u - w]
+        ), 1)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
+        total = sums[:, :3]
+        lse_all = top + torch.log(total)                     # log 0 = -inf for an all-empty row
+        safe = torch.where(total == 0, torch.ones((), dtype=total.dtype, device=total.device), total)
+        ep = sums[:, 4] / safe[:, 2]
+        eq = sums[:, 5] / safe[:, 1]
+        return torch.stack((lse_all[:, 0], sums[:, 3], lse_all[:, 1], lse_all[:, 2], ep, eq), 1)
+
+    def merge_sums(self, x):
+        """(N, k) fp32 per-shard sums -> the sums over the whole vocabulary (1 all_reduce, in place)."""
+        x = x.contiguous()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        return x
+
+
+def check_group(process_group):
+    """(rank, world size) of this process in `process_group`; TypeError / ValueError when it is unusable."""
+    if not dist.is_available():
+        raise ValueError(f"process_group={process_group!r}: this build of torch has no torch.distributed")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group={process_group!r}: expected a torch.distributed.ProcessGroup "
+                        f"or None, got {type(process_group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError(f"process_group={process_group!r}: torch.distributed is not initialised; call "
+                         "torch.distributed.init_process_group first, or pass process_group=None")
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    if rank < 0:
+        raise ValueError(f"process_group={process_group!r}: this process is not a member of the group")
+    return rank, world
+
+
+def vocab_shard(process_group, v_local, labels):
+    """Check that the ranks of `process_group` agree, and return this rank's `VocabShard`.
+
+    Args:
+        process_group: an initialised `torch.distributed.ProcessGroup` (e.g. `dist.group.WORLD`, the
+            tensor-parallel group, or `device_mesh.get_group(dim)`).
+        v_local: the vocabulary columns of this rank's logits shard.
+        labels: (N,) flat int labels of this rank, global ids; must be the same on every rank.
+
+    One all_reduce (MAX of [V_l, -V_l, N, -N, c, -c]) compares V_l, the row count N and a checksum c of
+    the labels across ranks. On CPU tensors a disagreement raises ValueError on every rank (every rank
+    sees the same reduced values, so none is left waiting in a later collective); on CUDA it is a
+    device-side assert, so that no host synchronisation is added.
+    """
+    rank, world = check_group(process_group)
+    n, c = labels.numel(), _labels_checksum(labels)
+    sizes = torch.tensor([v_local, -v_local, n, -n], dtype=torch.int64, device=labels.device)
+    agreed = torch.cat((sizes, torch.stack((c, -c))))
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
+    same = agreed[0::2] == -agreed[1::2]                     # max == min for V_l, N and the checksum
+    what = ("the vocabulary shard width V_local = logits.shape[-1]",
+            "the number of label rows (labels.numel())",
+            "the labels (they must be replicated across the group)")
+    if labels.device.type == "cuda":
+        for k in range(3):
+            torch._assert_async(same[k], f"process_group: ranks disagree on {what[k]}")
+    else:
+        for k in range(3):
+            if not bool(same[k]):
+                raise ValueError(
+                    f"process_group: ranks disagree on {what[k]} (this rank, rank {rank} of {world}: "
+                    f"{(v_local, n, int(c))[k]}; max over ranks {int(agreed[2 * k])}, "
+                    f"min {-int(agreed[2 * k + 1])})")
+    return VocabShard(process_group, rank, world, v_local)
