@@ -13,26 +13,36 @@ def backend_module(name):
     return _torch
 
 
-def forward_rows(impl, s3, t3, labels, opts):
-    """Per-row loss, ce, kl and the final statistics, from the backend's passes over s3, t3."""
-    partial = impl.row_stats(s3, t3, labels, opts)
+def forward_rows(impl, s3, t3, labels, opts, shard=None):
+    """Per-row loss, ce, kl and the final statistics, from the backend's passes over s3, t3.
+
+    shard: None, or a `distributed.VocabShard` when s3, t3 hold one vocabulary shard: its merges turn
+    this shard's statistics into those of the whole vocabulary (hrmloss/distributed.py).
+    """
+    partial = impl.row_stats(s3, t3, labels, opts, 0 if shard is None else shard.vocab_start)
+    if shard is not None:
+        partial = shard.merge_stats(partial)
     jsd = impl.jsd_sums(s3, t3, labels, partial[:, 2:4], opts) if opts.kl == "jsd" else None
+    if jsd is not None and shard is not None:
+        jsd = shard.merge_sums(jsd)
     return finalize(partial, jsd, labels, opts)
 
 
 class HRMLossFunction(torch.autograd.Function):
-    """(logits (..., V), ref_logits (..., V), labels (N,) flat, opts, backend) -> per-row loss, ce, kl (N,).
+    """(logits (..., V), ref_logits (..., V), labels (N,) flat, opts, backend, shard) -> loss, ce, kl (N,).
 
     ce and kl are not differentiable; the gradient goes to logits only (ref_logits is a constant).
+    With a `shard` (vocabulary-parallel), the forward communicates; the backward does not.
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, opts, backend):
+    def forward(ctx, logits, ref_logits, labels, opts, backend, shard=None):
         impl = backend_module(backend)
         s3, t3 = rows_3d(logits), rows_3d(ref_logits)
-        loss, ce, kl, final = forward_rows(impl, s3, t3, labels, opts)
+        loss, ce, kl, final = forward_rows(impl, s3, t3, labels, opts, shard)
         ctx.save_for_backward(logits, ref_logits, labels, final)
         ctx.opts, ctx.impl = opts, impl
+        ctx.vocab_start = 0 if shard is None else shard.vocab_start
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
 
@@ -40,7 +50,8 @@ class HRMLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         logits, ref_logits, labels, final = ctx.saved_tensors
         if grad_loss is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         g = grad_loss.float().contiguous()
-        ds, _ = ctx.impl.grad(rows_3d(logits), rows_3d(ref_logits), labels, final, g, ctx.opts)
-        return ds.view(logits.shape), None, None, None, None
+        ds, _ = ctx.impl.grad(rows_3d(logits), rows_3d(ref_logits), labels, final, g, ctx.opts,
+                              vocab_start=ctx.vocab_start)
+        return ds.view(logits.shape), None, None, None, None, None
