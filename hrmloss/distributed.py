@@ -131,8 +131,8 @@ def vocab_shard(process_group, v_local, labels):
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
     same = agreed[0::2] == -agreed[1::2]                     # max == min for V_l, N and the checksum
     what = ("the vocabulary shard width V_local = logits.shape[-1]",
-            "the number of label rows (labels.numel())",
-            "the labels (they must be replicated across the group)")
+            "the number of label rows, labels.numel()",
+            "the labels, which must be the same on every rank (checksum sum_i (i+1) labels[i])")
     if labels.device.type == "cuda":
         for k in range(3):
             torch._assert_async(same[k], f"process_group: ranks disagree on {what[k]}")
@@ -140,7 +140,7 @@ def vocab_shard(process_group, v_local, labels):
         for k in range(3):
             if not bool(same[k]):
                 raise ValueError(
-                    f"process_group: ranks disagree on {what[k]} (this rank, rank {rank} of {world}: "
-                    f"{(v_local, n, int(c))[k]}; max over ranks {int(agreed[2 * k])}, "
-                    f"min {-int(agreed[2 * k + 1])})")
+                    f"process_group: ranks disagree on {what[k]}: {(v_local, n, int(c))[k]} on rank "
+                    f"{rank} of {world}, values from {-int(agreed[2 * k + 1])} to {int(agreed[2 * k])} "
+                    "across the group")
     return VocabShard(process_group, rank, world, v_local)
