@@ -17,25 +17,22 @@ N_PARTIAL = 6
 N_FINAL = 5
 
 
-def rows_3d(x):
-    """View x (..., V) as (B, T, V) with unit stride on V, without a copy when its layout allows.
+def rows_3d(*xs):
+    """View tensors of one shape (..., V) as (B, T, V) with unit stride on V, without a copy if possible.
 
-    A flat (N, V) row layout becomes (1, N, V); a shifted view such as logits[:, :-1] of a (B, T+1, V)
-    tensor stays (B, T, V) with its own strides. Only a last dim that is not contiguous, or a layout
-    of more than two non-mergeable leading dims, is copied.
+    Flat (N, V) row layouts become (1, N, V); when any of them is not flat (a shifted view such as
+    logits[:, :-1] of a (B, T+1, V) tensor), all become (B, T, V), each with its own strides, so one
+    row index b * T + t addresses all of them. Only a last dim that is not contiguous, or more than
+    two leading dims that cannot be merged, costs a copy.
     """
-    V = x.shape[-1]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    V = xs[0].shape[-1]
+    xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
     try:
-        return x.view(1, -1, V)
+        return [x.view(1, -1, V) for x in xs]
     except RuntimeError:
         pass
-    if x.dim() > 3:
-        x = x.reshape(-1, x.shape[-2], V)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-    return x
+    T = xs[0].shape[-2]
+    return [x.reshape(-1, T, V) if x.dim() > 3 else x for x in xs]
 
 
 def finalize(partial, jsd_sums, labels, opts):
@@ -56,5 +53,5 @@ def finalize(partial, jsd_sums, labels, opts):
     ce = torch.where(live, lse_s - s_y, zero)
     kl = torch.where(live, kl, zero)
     final = torch.where(live[:, None], torch.stack((lse_s, lse_u, lse_w, kl_p, kl_q), 1), zero)
-    loss = ce if opts.hrm == 0 else ce + opts.hrm * kl  # hrm = 0 ignores even an infinite kl
+    loss = ce.clone() if opts.hrm == 0 else ce + opts.hrm * kl  # hrm = 0 ignores even an infinite kl
     return loss, ce, kl, final

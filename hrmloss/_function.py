@@ -29,7 +29,7 @@ class HRMLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, labels, opts, backend):
         impl = backend_module(backend)
-        s3, t3 = rows_3d(logits), rows_3d(ref_logits)
+        s3, t3 = rows_3d(logits, ref_logits)
         loss, ce, kl, final = forward_rows(impl, s3, t3, labels, opts)
         ctx.save_for_backward(logits, ref_logits, labels, final)
         ctx.opts, ctx.impl = opts, impl
@@ -41,6 +41,6 @@ class HRMLossFunction(torch.autograd.Function):
         logits, ref_logits, labels, final = ctx.saved_tensors
         if grad_loss is None:
             return None, None, None, None, None
-        g = grad_loss.float().contiguous()
-        ds, _ = ctx.impl.grad(rows_3d(logits), rows_3d(ref_logits), labels, final, g, ctx.opts)
+        g = grad_loss.to(final.dtype).contiguous()
+        ds, _ = ctx.impl.grad(*rows_3d(logits, ref_logits), labels, final, g, ctx.opts)
         return ds.view(logits.shape), None, None, None, None

@@ -8,6 +8,7 @@ from ._function import HRMLossFunction
 from ._options import LossOptions
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TORCH_ONLY_DTYPES = (torch.float64,)  # the torch backend also runs float64 (gradcheck)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
@@ -47,7 +48,7 @@ def check_tensors(logits, ref_logits, labels):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     for name, x in (("logits", logits), ("ref_logits", ref_logits)):
-        if x.dtype not in FLOAT_DTYPES:
+        if x.dtype not in FLOAT_DTYPES + TORCH_ONLY_DTYPES:
             raise TypeError(f"{name}.dtype={x.dtype}: expected float32, bfloat16 or float16")
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels.dtype={labels.dtype}: expected int64 or int32")
@@ -119,6 +120,9 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         raise TypeError(f"return_components={return_components!r}: expected a bool")
     check_tensors(logits, ref_logits, labels)
     name = resolve_backend(opts.backend, logits.device)
+    if name == "triton" and (logits.dtype in TORCH_ONLY_DTYPES or ref_logits.dtype in TORCH_ONLY_DTYPES):
+        raise TypeError(f"logits.dtype={logits.dtype}, ref_logits.dtype={ref_logits.dtype}: the Triton "
+                        "backend takes float32, bfloat16 or float16 (float64 runs on backend='torch')")
     flat = labels.reshape(-1)
     check_labels(flat, 0, logits.shape[-1], opts.ignore_index)
     loss, ce, kl_rows = HRMLossFunction.apply(logits, ref_logits.detach(), flat, opts, name)

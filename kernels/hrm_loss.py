@@ -32,8 +32,8 @@ Rows whose label is ignore_index read nothing (masked loads) and get a zero grad
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
-FWD, REV, JSD = 0, 1, 2  # KIND constexpr values
+NEG_INF = tl.constexpr(float("-inf"))
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _online_update(m, d, a, x, y):
     m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # avoid (-inf) - (-inf)
     r = tl.exp(m - m_ref)
     e = tl.exp(x - m_ref)
-    diff = tl.where(x == NEG_INF, 0.0, tl.where(y == NEG_INF, float("inf"), e * (x - y)))
+    diff = tl.where(x == NEG_INF, 0.0, tl.where(y == NEG_INF, INF, e * (x - y)))
     return m_new, d * r + tl.sum(e, 0), a * r + tl.sum(diff, 0)
 
 
