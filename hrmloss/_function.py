@@ -1,46 +1,39 @@
-"""The autograd Function: per-row loss, ce, kl forward; recompute-and-scale backward. ctx handling only."""
+"""The autograd Function: per-row loss, ce, kl, z forward; recompute-and-scale backward. ctx handling only."""
 import torch
 
-from ._core import finalize, rows_3d
+from . import _ops
+from ._core import finalize
 
 
-def backend_module(name):
-    """The launcher module of a resolved backend name ("triton" or "torch")."""
-    if name == "triton":
-        from . import _triton
-        return _triton
-    from . import _torch
-    return _torch
-
-
-def forward_rows(impl, s3, t3, labels, opts):
-    """Per-row loss, ce, kl and the final statistics, from the backend's passes over s3, t3."""
-    partial = impl.row_stats(s3, t3, labels, opts)
-    jsd = impl.jsd_sums(s3, t3, labels, partial[:, 2:4], opts) if opts.kl == "jsd" else None
-    return finalize(partial, jsd, labels, opts)
+def forward_rows(logits, ref_logits, labels, opts):
+    """Per-row loss, ce, kl, z and the (N, 5) final statistics, from the backend's passes."""
+    key = opts.key()
+    V = logits.shape[-1]
+    partial = _ops.row_stats(logits, ref_logits, labels, key, 0, V)
+    jsd = _ops.jsd_sums(logits, ref_logits, labels, partial[:, 2:4], key) if opts.kl == "jsd" else None
+    return finalize(partial, jsd, labels, opts, V)
 
 
 class HRMLossFunction(torch.autograd.Function):
-    """(logits (..., V), ref_logits (..., V), labels (N,) flat, opts, backend) -> per-row loss, ce, kl (N,).
+    """(logits (..., V), ref_logits (..., V), labels (N,) flat, LossOptions) -> per-row loss, ce, kl, z (N,).
 
-    ce and kl are not differentiable; the gradient goes to logits only (ref_logits is a constant).
+    ce, kl and z are not differentiable. The gradient goes to logits, and to ref_logits when it
+    requires grad (computed in the same backward pass; no extra traffic otherwise).
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, opts, backend):
-        impl = backend_module(backend)
-        s3, t3 = rows_3d(logits, ref_logits)
-        loss, ce, kl, final = forward_rows(impl, s3, t3, labels, opts)
+    def forward(ctx, logits, ref_logits, labels, opts):
+        loss, ce, kl, z, final = forward_rows(logits, ref_logits, labels, opts)
         ctx.save_for_backward(logits, ref_logits, labels, final)
-        ctx.opts, ctx.impl = opts, impl
-        ctx.mark_non_differentiable(ce, kl)
-        return loss, ce, kl
+        ctx.opts = opts
+        ctx.mark_non_differentiable(ce, kl, z)
+        return loss, ce, kl, z
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, *_):
         logits, ref_logits, labels, final = ctx.saved_tensors
-        if grad_loss is None:
-            return None, None, None, None, None
+        ref_grad = ctx.needs_input_grad[1]
         g = grad_loss.to(final.dtype).contiguous()
-        ds, _ = ctx.impl.grad(*rows_3d(logits, ref_logits), labels, final, g, ctx.opts)
-        return ds.view(logits.shape), None, None, None, None
+        ds, dt = _ops.grad(logits, ref_logits, labels, final, g, ctx.opts.key(), 0, logits.shape[-1],
+                            ref_grad)
+        return ds, dt if ref_grad else None, None, None

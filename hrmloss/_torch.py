@@ -32,6 +32,14 @@ def _where_x(x, value, zero_at):
     return torch.where(zero_at, torch.zeros((), dtype=value.dtype, device=value.device), value)
 
 
+def _student(sc, opts):
+    """Student chunk in the accumulation dtype, soft-capped when asked, and d s / d s_raw (or None)."""
+    if not opts.capped:
+        return sc, None
+    th = torch.tanh(sc / opts.softcap)
+    return opts.softcap * th, 1 - th * th
+
+
 def _lse_and_mean(x, y):
     """(logsumexp(x), E_softmax(x)[x - y]) over the last dim, as the kernel does: the weighted sum is
     divided by the computed sum of exponentials, so rounding in the normaliser cancels. Terms where
@@ -46,12 +54,12 @@ def _lse_and_mean(x, y):
 
 
 def row_stats(s, t, labels, opts, vocab_start=0):
-    """(N, 6) fp32 partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w]."""
+    """(N, 7) fp32 partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w], sum_j s_j."""
     B, T_rows, V = s.shape
     acc = _acc(s)
     out = torch.empty((B * T_rows, N_PARTIAL), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        sc, tc = sc.to(acc), tc.to(acc)
+        sc, tc = _student(sc.to(acc), opts)[0], tc.to(acc)
         u = sc * opts.inv_temp if opts.scaled else sc
         w = tc * opts.inv_temp
         lse_u, eq = _lse_and_mean(u, w)
@@ -66,6 +74,7 @@ def row_stats(s, t, labels, opts, vocab_start=0):
         out[r0:r1, 3] = lse_w
         out[r0:r1, 4] = ep
         out[r0:r1, 5] = eq
+        out[r0:r1, 6] = sc.sum(-1)
     return out
 
 
@@ -91,14 +100,15 @@ def jsd_sums(s, t, labels, lse_uw, opts):
     acc = _acc(s)
     out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        lq, lp, q, p = _log_probs(sc.to(acc), tc.to(acc), lse_uw[r0:r1, 0], lse_uw[r0:r1, 1], opts)
+        sc = _student(sc.to(acc), opts)[0]
+        lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_uw[r0:r1, 0], lse_uw[r0:r1, 1], opts)
         lm = _log_mixture(lq, lp, opts.beta)
         out[r0:r1, 0] = _xlog_ratio(p, lp, lm).sum(-1)
         out[r0:r1, 1] = _xlog_ratio(q, lq, lm).sum(-1)
     return out
 
 
-def grad(s, t, labels, final, g, opts, vocab_start=0, ref_grad=False):
+def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False):
     """d loss / d s (N, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32."""
     B, T_rows, V = s.shape
     ds = torch.empty((B * T_rows, V), device=s.device, dtype=s.dtype)
@@ -110,12 +120,18 @@ def grad(s, t, labels, final, g, opts, vocab_start=0, ref_grad=False):
         y = labels[r0:r1]
         live = (y != opts.ignore_index) & (g[r0:r1] != 0)
         gl = torch.where(live, g[r0:r1], 0.0)[:, None]
-        sc = sc.to(acc)
-        # 1. cross-entropy: q1 - onehot(y)
+        sc, dcap = _student(sc.to(acc), opts)
+        # 1. cross-entropy with label smoothing eps, and z-loss:
+        #    q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V
         d = torch.exp(sc - lse_s[:, None])
+        if opts.z_loss:
+            d *= 1 + 2 * opts.z_loss * lse_s[:, None]
+        if opts.label_smoothing:
+            d -= opts.label_smoothing / vocab_size
         y_local = y.long() - vocab_start
         owned = live & (y_local >= 0) & (y_local < V)
-        d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -owned.to(acc)[:, None])
+        hit = (1 - opts.label_smoothing) * owned.to(acc)
+        d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -hit[:, None])
         if opts.hrm != 0 or ref_grad:
             lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_u, lse_w, opts)
             # 2. divergence (kernels/hrm_loss.py gives the formulas)
@@ -132,6 +148,8 @@ def grad(s, t, labels, final, g, opts, vocab_start=0, ref_grad=False):
             d += c * dku
             if ref_grad:
                 dt[r0:r1] = torch.where(live[:, None], gl * c * dkw, 0.0)
-        # 3. scale by g; dead rows get zeros
+        # 3. through the soft cap, scale by g; dead rows get zeros
+        if dcap is not None:
+            d *= dcap
         ds[r0:r1] = torch.where(live[:, None], gl * d, 0.0)
     return ds, dt

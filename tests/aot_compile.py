@@ -24,15 +24,16 @@ CCS = (80, 90)
 VS = (32000, 131072)
 DTYPES = ("fp32", "bf16")
 INT_ARGS = {"T_rows", "V", "vocab_start", "ignore_index"}
-FLOAT_ARGS = {"inv_temp", "hrm", "beta"}
+FLOAT_ARGS = {"inv_temp", "hrm", "beta", "softcap", "label_smoothing", "smooth_per_class", "z_loss"}
 OWN_DTYPE_PTRS = {"s_ptr", "t_ptr", "ds_ptr", "dt_ptr"}  # pointers in the logits' dtype
 
 # constexpr variants per kernel (BLOCK_V comes from the launcher)
 VARIANTS = {
-    "_hrm_stats_kernel": [dict(SCALED=False), dict(SCALED=True)],
-    "_hrm_jsd_kernel": [dict(SCALED=True)],
-    "_hrm_grad_kernel": [dict(KIND=k, SCALED=True, READ_REF=True, REF_GRAD=True) for k in (0, 1, 2)]
-    + [dict(KIND=0, SCALED=False, READ_REF=False, REF_GRAD=False)],
+    "_hrm_stats_kernel": [dict(SCALED=False, SOFTCAP=False), dict(SCALED=True, SOFTCAP=True)],
+    "_hrm_jsd_kernel": [dict(SCALED=True, SOFTCAP=True)],
+    "_hrm_grad_kernel": [dict(KIND=k, SCALED=True, SOFTCAP=True, READ_REF=True, REF_GRAD=True) for k in (0, 1, 2)]
+    + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False),
+       dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False)],
 }
 
 
