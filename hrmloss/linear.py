@@ -31,15 +31,22 @@ import torch
 from ._core import N_FINAL, rows_3d
 from ._function import backend_module, forward_rows
 from ._options import LossOptions
+from ._torch import CHUNK_ELEMS
 from .loss import FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_labels, reduce_rows, resolve_backend
 
-CHUNK_BYTES = 32 << 20  # automatic chunk: (chunk, V) fp32 logits of at most 32 MiB (>= 1 row, <= N rows)
+# Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
+# CPU: the size of one temporary of the torch backend (CHUNK_ELEMS fp32, 8 MiB), which sub-chunks its own
+# passes at that size anyway. CUDA: every chunk reads the (V, H) weight three times (logits, grad_hidden,
+# grad_weight), so the GEMMs need a few hundred rows to be compute-bound: 256 MiB is 512 rows at V = 128k.
+CHUNK_BYTES = {"cuda": 256 << 20}
+CHUNK_BYTES_DEFAULT = 4 * CHUNK_ELEMS
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
 
 
-def auto_chunk_rows(n_rows, vocab):
-    """Rows per chunk when chunk_size=None: max(1, min(N, CHUNK_BYTES // (4 V)))."""
-    return max(1, min(n_rows, CHUNK_BYTES // (4 * vocab)))
+def auto_chunk_rows(n_rows, vocab, device):
+    """Rows per chunk when chunk_size=None: max(1, min(N, bytes // (4 V))), bytes from CHUNK_BYTES."""
+    budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES_DEFAULT)
+    return max(1, min(n_rows, budget // (4 * vocab)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,8 +330,8 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
             chunk by chunk too. Exactly one of the two forms. The reference side is a constant.
         kl, beta, temperature, ignore_index, reduction, backend: as in `hrm_loss`.
         return_components: return `HRMLossOutput(loss, ce, kl)` instead of the loss alone.
-        chunk_size: tokens per chunk; None picks the largest chunk whose fp32 logits fit in CHUNK_BYTES
-            (32 MiB), at least 1 and at most N.
+        chunk_size: tokens per chunk; None picks the most rows whose fp32 logits fit in 8 MiB (CPU) or
+            256 MiB (CUDA), at least 1 and at most N (`auto_chunk_rows`).
 
     Returns:
         The fp32 loss (a scalar, or the shape of labels for reduction="none"), or `HRMLossOutput` whose
@@ -339,7 +346,7 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     flat = labels.reshape(-1).contiguous()
     V = weight.shape[0]
     check_labels(flat, 0, V, opts.ignore_index)
-    chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V)
+    chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V, hidden.device)
     plan = _Plan(opts, name, int(chunk), torch.is_grad_enabled())
     loss, ce, kl_rows = LinearHRMLossFunction.apply(
         hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
