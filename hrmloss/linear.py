@@ -5,7 +5,7 @@ The student logits s = hidden @ weight.T (+ bias) are never materialised for all
 
     s   = h @ weight.T (+ bias)                  (c, V), input dtype (the matmul accumulates in fp32)
     t   = ref_logits[rows]  or  ref_hidden[rows] @ ref_weight.T (+ ref_bias)
-    loss, ce, kl, final = forward_rows(...)      the core passes of hrm_loss (one row = one token)
+    loss, ce, kl, z, final = forward_rows(...)   the core passes of hrm_loss (one row = one token)
     ds  = d loss_rows / d s, scaled per row by g (the core's grad pass)
     grad_hidden[rows] = ds @ weight              grad_weight += ds.T @ h  (fp32)   grad_bias += sum(ds)
 
@@ -28,11 +28,13 @@ from typing import NamedTuple
 
 import torch
 
+from . import _ops
 from ._core import N_FINAL, rows_3d
-from ._function import backend_module, forward_rows
+from ._function import forward_rows
 from ._options import LossOptions
+from ._ops import check_labels
 from ._torch import CHUNK_ELEMS
-from .loss import FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_labels, reduce_rows, resolve_backend
+from .loss import FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_num_items, reduce_rows, resolve_backend
 
 # Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
 # CPU: the size of one temporary of the torch backend (CHUNK_ELEMS fp32, 8 MiB), which sub-chunks its own
@@ -74,8 +76,9 @@ class _Grads(NamedTuple):
 
 
 def _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias):
-    ref3 = rows_3d(ref_logits) if ref_logits is not None else rows_3d(ref_hidden)
-    return _Operands(rows_3d(hidden), weight, bias, labels, ref3, ref_weight, ref_bias)
+    (ref3,) = rows_3d(ref_logits if ref_logits is not None else ref_hidden)
+    (h3,) = rows_3d(hidden)
+    return _Operands(h3, weight, bias, labels, ref3, ref_weight, ref_bias)
 
 
 def _take_rows(x3, r0, r1):
@@ -113,24 +116,27 @@ def _backprop(ops, grads, h, ds, r0, r1):
         grads.bias.add_(ds.sum(0, dtype=torch.float32))
 
 
-def _forward_chunk(impl, ops, opts, r0, r1, rows, g, grads):
-    """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, final); with g (0-dim fp32 row weight)
-    also the gradients with that weight on every row. Its (c, V) temporaries die when it returns."""
+def _chunk_grad(s, t, y, final, g, opts):
+    """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass."""
+    return _ops.grad(s, t, y, final, g, opts.key(), 0, s.shape[-1], False)[0]
+
+
+def _forward_chunk(ops, opts, r0, r1, rows, g, grads):
+    """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32 row
+    weight) also the gradients with that weight on every row. Its (c, V) temporaries die when it returns."""
     h, s, t = _chunk_logits(ops, r0, r1)
-    s3, t3, y = s[None], t[None], ops.labels[r0:r1]
-    out = forward_rows(impl, s3, t3, y, opts)
+    y = ops.labels[r0:r1]
+    out = forward_rows(s, t, y, opts)
     for buf, x in zip(rows, out):
         buf[r0:r1] = x
     if g is not None:
-        ds, _ = impl.grad(s3, t3, y, out[3], g.expand(r1 - r0).contiguous(), opts)
-        _backprop(ops, grads, h, ds, r0, r1)
+        _backprop(ops, grads, h, _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0).contiguous(), opts), r0, r1)
 
 
-def _backward_chunk(impl, ops, opts, r0, r1, final, g, grads):
+def _backward_chunk(ops, opts, r0, r1, final, g, grads):
     """Recompute the logits of rows [r0, r1) and backpropagate per-row weights g (c,) fp32."""
     h, s, t = _chunk_logits(ops, r0, r1)
-    ds, _ = impl.grad(s[None], t[None], ops.labels[r0:r1], final[r0:r1], g, opts)
-    _backprop(ops, grads, h, ds, r0, r1)
+    _backprop(ops, grads, h, _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, opts), r0, r1)
 
 
 def _new_grads(ops, want_hidden, want_weight, want_bias):
@@ -141,54 +147,57 @@ def _new_grads(ops, want_hidden, want_weight, want_bias):
         ops.weight.new_zeros((V,), dtype=torch.float32) if want_bias and ops.bias is not None else None)
 
 
-def _row_weight(live, reduction):
-    """d reduced / d row_i for a counted row: 1 / max(count, 1) for "mean", 1 for "sum" (0-dim, on device)."""
-    if reduction == "mean":
-        return 1.0 / live.sum().clamp(min=1).float()
-    return torch.ones((), device=live.device)
+def _row_weight(live, reduction, num_items):
+    """d reduced / d row_i for a counted row: 1 / max(count, 1) (or 1 / num_items) for "mean", 1 for "sum"
+    (0-dim, on the device)."""
+    if reduction == "sum":
+        return torch.ones((), device=live.device)
+    denom = live.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items, device=live.device)
+    return 1.0 / denom.float()
 
 
 class _Plan(NamedTuple):
     """The non-tensor arguments of one call."""
 
-    opts: LossOptions
-    backend: str        # resolved: "torch" or "triton"
+    opts: LossOptions   # with the resolved backend, "torch" or "triton"
     chunk: int          # rows per chunk
+    num_items: object   # None, an int or a 0-dim tensor: the denominator of "mean"
     grad_enabled: bool  # autograd was on at the call (Function.forward runs with it off)
 
 
 class LinearHRMLossFunction(torch.autograd.Function):
     """(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan) ->
-    (loss, ce_rows, kl_rows): loss reduced for "mean" / "sum", per row (N,) for "none"; ce, kl (N,) detached.
+    (loss, ce_rows, kl_rows, z_rows): loss reduced for "mean" / "sum", per row (N,) for "none"; the
+    others (N,) detached.
 
     Gradients flow to hidden, weight and bias only; the reference side is a constant.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan):
-        opts, impl = plan.opts, backend_module(plan.backend)
+        opts = plan.opts
         ops = _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias)
         n = labels.shape[0]
-        rows = (*(labels.new_empty((n,), dtype=torch.float32) for _ in range(3)),
+        rows = (*(labels.new_empty((n,), dtype=torch.float32) for _ in range(4)),
                 labels.new_empty((n, N_FINAL), dtype=torch.float32))
         live = labels != opts.ignore_index
         wants = [plan.grad_enabled and w for w in ctx.needs_input_grad[:3]]
         ctx.eager = any(wants) and opts.reduction != "none"
         grads = _new_grads(ops, *wants) if ctx.eager else None
-        g = _row_weight(live, opts.reduction) if ctx.eager else None
+        g = _row_weight(live, opts.reduction, plan.num_items) if ctx.eager else None
         for r0 in range(0, n, plan.chunk):
-            _forward_chunk(impl, ops, opts, r0, min(r0 + plan.chunk, n), rows, g, grads)
-        loss_rows, ce, kl, final = rows
+            _forward_chunk(ops, opts, r0, min(r0 + plan.chunk, n), rows, g, grads)
+        loss_rows, ce, kl, z, final = rows
         ctx.grads, ctx.plan, ctx.hidden_shape, ctx.weight_dtype = grads, plan, hidden.shape, weight.dtype
         if opts.reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias,
                                   final)
-        ctx.mark_non_differentiable(ce, kl)
-        return reduce_rows(loss_rows, live, opts.reduction), ce, kl
+        ctx.mark_non_differentiable(ce, kl, z)
+        return reduce_rows(loss_rows, live, opts.reduction, plan.num_items), ce, kl, z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+    def backward(ctx, grad_loss, *_):
         if ctx.eager:  # "mean" / "sum": scale the forward's gradients by the scalar grad_loss, in place
             if ctx.grads is None:
                 raise RuntimeError(
@@ -203,10 +212,9 @@ class LinearHRMLossFunction(torch.autograd.Function):
             ops, plan = _operands(*tensors), ctx.plan
             grads = _new_grads(ops, *ctx.needs_input_grad[:3])
             g, n = grad_loss.float().contiguous(), final.shape[0]
-            impl = backend_module(plan.backend)
             for r0 in range(0, n, plan.chunk):
                 r1 = min(r0 + plan.chunk, n)
-                _backward_chunk(impl, ops, plan.opts, r0, r1, final, g[r0:r1], grads)
+                _backward_chunk(ops, plan.opts, r0, r1, final, g[r0:r1], grads)
         gh, gw, gb = grads
         gh = None if gh is None else gh.view(ctx.hidden_shape)
         gw = None if gw is None else gw.to(ctx.weight_dtype)
@@ -301,15 +309,16 @@ def _detach(x):
 
 def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=None, ref_hidden=None,
                     ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
-                    reduction="mean", return_components=False, chunk_size=None, backend="auto"):
+                    reduction="mean", return_components=False, chunk_size=None, backend="auto",
+                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None):
     """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
 
     With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (DESIGN.md §1):
 
-        ce_i   = logsumexp(s_i) - s_i[y_i]
+        ce_i   = logsumexp(s_i) - s_i[y_i]       (with label smoothing and soft cap as in hrm_loss)
         kl_i   = KL(p_T || q_T)  (kl="forward"),  KL(q_T || p_T)  (kl="reverse"),
                  beta KL(p_T || m) + (1 - beta) KL(q_T || m),  m = beta p_T + (1 - beta) q_T  (kl="jsd")
-        loss_i = ce_i + hrm * kl_i,   q_T = softmax(s_i / T),  p_T = softmax(t_i / T)
+        loss_i = ce_i + hrm * kl_i + z_i,   q_T = softmax(s_i / T),  p_T = softmax(t_i / T)
 
     computed over chunks of `chunk_size` tokens: peak extra memory O(chunk_size x V) plus the (N, H)
     gradient of hidden and an fp32 (V, H) accumulator of the gradient of weight (see the module docstring
@@ -328,31 +337,32 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         ref_hidden, ref_weight, ref_bias: the reference's last hidden states (..., H_ref), output weight
             (V, H_ref) and optional bias (V,), one float dtype; the reference logits are then computed
             chunk by chunk too. Exactly one of the two forms. The reference side is a constant.
-        kl, beta, temperature, ignore_index, reduction, backend: as in `hrm_loss`.
-        return_components: return `HRMLossOutput(loss, ce, kl)` instead of the loss alone.
+        kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
+        num_items: as in `hrm_loss`.
+        return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
         chunk_size: tokens per chunk; None picks the most rows whose fp32 logits fit in 8 MiB (CPU) or
             256 MiB (CUDA), at least 1 and at most N (`auto_chunk_rows`).
 
     Returns:
         The fp32 loss (a scalar, or the shape of labels for reduction="none"), or `HRMLossOutput` whose
-        `ce` and `kl` are reduced like the loss, detached, fp32.
+        `ce`, `kl` and `z` are reduced like the loss, detached, fp32.
 
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
     opts = _loss_options(locals())
     _check_call_options(return_components, chunk_size)
+    check_num_items(num_items, opts.reduction)
     check_linear_tensors(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias)
-    name = resolve_backend(opts.backend, hidden.device)
+    opts = dataclasses.replace(opts, backend=resolve_backend(opts.backend, hidden.device))
     flat = labels.reshape(-1).contiguous()
     V = weight.shape[0]
     check_labels(flat, 0, V, opts.ignore_index)
     chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V, hidden.device)
-    plan = _Plan(opts, name, int(chunk), torch.is_grad_enabled())
-    loss, ce, kl_rows = LinearHRMLossFunction.apply(
+    plan = _Plan(opts, int(chunk), num_items, torch.is_grad_enabled())
+    loss, *parts = LinearHRMLossFunction.apply(
         hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
     live = flat != opts.ignore_index
-    ce, kl_rows = (reduce_rows(x, live, opts.reduction) for x in (ce, kl_rows))
-    out = HRMLossOutput(loss, ce, kl_rows)
+    out = HRMLossOutput(loss, *(reduce_rows(x, live, opts.reduction, num_items) for x in parts))
     if opts.reduction == "none":
         out = HRMLossOutput(*(x.view(labels.shape) for x in out))
     return out if return_components else out.loss
@@ -361,7 +371,7 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
 def _option_names():
     """The keyword-only options of linear_hrm_loss that are not tensors (what LinearHRMLoss stores)."""
     params = inspect.signature(linear_hrm_loss).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _TENSOR_KEYWORDS]
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _TENSOR_KEYWORDS + ("num_items",)]
 
 
 class LinearHRMLoss(torch.nn.Module):
@@ -383,9 +393,9 @@ class LinearHRMLoss(torch.nn.Module):
         _check_call_options(options.get("return_components", False), options.get("chunk_size"))
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
-                ref_bias=None):
+                ref_bias=None, num_items=None):
         return linear_hrm_loss(hidden, weight, labels, bias=bias, ref_logits=ref_logits, ref_hidden=ref_hidden,
-                               ref_weight=ref_weight, ref_bias=ref_bias, **self.kwargs)
+                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

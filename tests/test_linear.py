@@ -100,6 +100,40 @@ def test_matches_float64_oracle(backend, form, reduction, kl):
     assert case["ref_logits"].grad is None and case["ref_weight"].grad is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_options_match_oracle(backend, reduction):
+    # label smoothing, z-loss and soft cap reach the core passes per chunk unchanged
+    case = make_case(bias=True, seed=3)
+    opts = dict(hrm=0.4, kl="reverse", reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+    go = grad_out_for(case, reduction)
+    out, grads = run(case, "hidden", go, backend, chunk_size=7, **opts)
+    want, want_grads = oracle(case, "hidden", go, **opts)
+    assert out.z > 0 if reduction == "mean" else (out.z > 0).any()
+    assert_close_all(out, want)
+    assert_close_all(grads, want_grads)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_items_two_micro_batches_equal_one_batch(as_tensor):
+    case = make_case(seed=4)
+    n = int((case["labels"] != -100).sum())
+    go = torch.tensor(1.0)
+    full, full_grads = run(case, "logits", go, "torch", hrm=0.5)
+    grads = None
+    parts = []
+    for i in (0, 1):
+        sub = dict(case, hidden=case["hidden"].detach()[i:i + 1].requires_grad_(), labels=case["labels"][i:i + 1],
+                   ref_logits=case["ref_logits"][i:i + 1])
+        out, g = run(sub, "logits", go, "torch", hrm=0.5, num_items=torch.tensor(n) if as_tensor else n)
+        parts.append(out)
+        grads = g[1:] if grads is None else [a + b for a, b in zip(grads, g[1:])]
+    for k in range(4):
+        torch.testing.assert_close(parts[0][k] + parts[1][k], full[k], atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads, full_grads[1:]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # N = 26: one row a chunk, ragged chunks of 5, exactly N, more than N, automatic. The interpreter is slow:
 # chunk 1 and automatic cover the Triton launch shapes.
 CHUNK_CASES = [("torch", c) for c in (1, 5, 26, 1000, None)] + [("triton", c) for c in (1, None)]
