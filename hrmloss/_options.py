@@ -1,7 +1,11 @@
 """The options of one loss call, validated once and carried as one frozen dataclass."""
+import ast
+import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Optional
 
 KL_KINDS = ("forward", "reverse", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -34,6 +38,9 @@ class LossOptions:
     ignore_index: int = -100
     reduction: str = "mean"
     backend: str = "auto"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -52,6 +59,25 @@ class LossOptions:
         set_("ignore_index", int(self.ignore_index))
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("backend", self.backend, BACKENDS)
+        set_("label_smoothing", _real("label_smoothing", self.label_smoothing))
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r}: expected 0 <= label_smoothing < 1")
+        set_("z_loss", _real("z_loss", self.z_loss))
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss={self.z_loss!r}: expected z_loss >= 0")
+        if self.softcap is not None:
+            set_("softcap", _real("softcap", self.softcap))
+            if self.softcap <= 0:
+                raise ValueError(f"softcap={self.softcap!r}: expected None or softcap > 0")
+
+    def key(self):
+        """The options as one string: how they cross the torch.library op boundary (a constant to dynamo)."""
+        return repr(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_key(key):
+        return LossOptions(*ast.literal_eval(key))
 
     @property
     def kind(self):
@@ -64,3 +90,7 @@ class LossOptions:
     @property
     def scaled(self):
         return self.temperature != 1.0
+
+    @property
+    def capped(self):
+        return self.softcap is not None

@@ -3,11 +3,18 @@
 Its extra memory is a few (chunk, V) fp32 buffers, never N x V beyond the gradient it returns.
 Same signatures as the Triton launchers in _triton.py; the math is written out there and in the kernels.
 """
+import math
+
 import torch
 
 from ._core import N_PARTIAL
 
 CHUNK_ELEMS = 1 << 21  # elements of one (chunk, V) fp32 temporary: 8 MiB
+
+
+def _acc(s):
+    # fp32 arithmetic for every supported dtype; float64 inputs (gradcheck, tests) stay float64
+    return torch.float64 if s.dtype == torch.float64 else torch.float32
 
 
 def _chunks(s, t):
@@ -25,24 +32,39 @@ def _where_x(x, value, zero_at):
     return torch.where(zero_at, torch.zeros((), dtype=value.dtype, device=value.device), value)
 
 
-def _expectation(lse, a, b):
-    """E_softmax(a)[a - b] over the last dim; 0 terms where a = -inf, +inf where b = -inf < a."""
-    prob = torch.exp(a - lse[:, None])
-    diff = torch.where(b == float("-inf"), float("inf"), a - b)
-    return _where_x(prob, prob * diff, a == float("-inf")).sum(-1)
+def _student(sc, opts):
+    """Student chunk in the accumulation dtype, soft-capped when asked, and d s / d s_raw (or None)."""
+    if not opts.capped:
+        return sc, None
+    th = torch.tanh(sc / opts.softcap)
+    return opts.softcap * th, 1 - th * th
+
+
+def _lse_and_mean(x, y):
+    """(logsumexp(x), E_softmax(x)[x - y]) over the last dim, as the kernel does: the weighted sum is
+    divided by the computed sum of exponentials, so rounding in the normaliser cancels. Terms where
+    x = -inf are 0, +inf where y = -inf < x; an all -inf row gives (-inf, 0)."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    e = torch.exp(x - m)
+    diff = torch.where(y == float("-inf"), float("inf"), x - y)
+    a = _where_x(e, e * diff, x == float("-inf")).sum(-1)
+    d = e.sum(-1)
+    return m[:, 0] + torch.log(d), torch.where(d == 0, 0.0, a / d)
 
 
 def row_stats(s, t, labels, opts, vocab_start=0):
-    """(N, 6) fp32 partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w]."""
+    """(N, 7) fp32 partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w], sum_j s_j."""
     B, T_rows, V = s.shape
-    out = torch.empty((B * T_rows, N_PARTIAL), device=s.device, dtype=torch.float32)
+    acc = _acc(s)
+    out = torch.empty((B * T_rows, N_PARTIAL), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        sc, tc = sc.float(), tc.float()
-        lse_s = torch.logsumexp(sc, -1)
+        sc, tc = _student(sc.to(acc), opts)[0], tc.to(acc)
         u = sc * opts.inv_temp if opts.scaled else sc
         w = tc * opts.inv_temp
-        lse_u = torch.logsumexp(u, -1) if opts.scaled else lse_s
-        lse_w = torch.logsumexp(w, -1)
+        lse_u, eq = _lse_and_mean(u, w)
+        lse_w, ep = _lse_and_mean(w, u)
+        lse_s = torch.logsumexp(sc, -1) if opts.scaled else lse_u
         y = labels[r0:r1].long() - vocab_start
         owned = (labels[r0:r1] != opts.ignore_index) & (y >= 0) & (y < V)
         s_y = sc.gather(1, torch.where(owned, y, 0)[:, None])[:, 0]
@@ -50,8 +72,9 @@ def row_stats(s, t, labels, opts, vocab_start=0):
         out[r0:r1, 1] = torch.where(owned, s_y, 0.0)
         out[r0:r1, 2] = lse_u
         out[r0:r1, 3] = lse_w
-        out[r0:r1, 4] = _expectation(lse_w, w, u)
-        out[r0:r1, 5] = _expectation(lse_u, u, w)
+        out[r0:r1, 4] = ep
+        out[r0:r1, 5] = eq
+        out[r0:r1, 6] = sc.sum(-1)
     return out
 
 
@@ -69,39 +92,48 @@ def _xlog_ratio(x, la, lb):
 
 def _log_mixture(lq, lp, beta):
     # log(beta p + (1 - beta) q)
-    return torch.logaddexp(lp + torch.log(torch.tensor(beta)), lq + torch.log(torch.tensor(1.0 - beta)))
+    return torch.logaddexp(lp + math.log(beta), lq + math.log(1.0 - beta))
 
 
 def jsd_sums(s, t, labels, lse_uw, opts):
     """(N, 2) fp32 partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w."""
-    out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=torch.float32)
+    acc = _acc(s)
+    out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        lq, lp, q, p = _log_probs(sc.float(), tc.float(), lse_uw[r0:r1, 0], lse_uw[r0:r1, 1], opts)
+        sc = _student(sc.to(acc), opts)[0]
+        lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_uw[r0:r1, 0], lse_uw[r0:r1, 1], opts)
         lm = _log_mixture(lq, lp, opts.beta)
         out[r0:r1, 0] = _xlog_ratio(p, lp, lm).sum(-1)
         out[r0:r1, 1] = _xlog_ratio(q, lq, lm).sum(-1)
     return out
 
 
-def grad(s, t, labels, final, g, opts, vocab_start=0, ref_grad=False):
+def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False):
     """d loss / d s (N, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32."""
     B, T_rows, V = s.shape
     ds = torch.empty((B * T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
     c = opts.hrm * opts.inv_temp
+    acc = _acc(s)
     for r0, r1, sc, tc in _chunks(s, t):
         lse_s, lse_u, lse_w, kl_p, kl_q = final[r0:r1].unbind(1)
         y = labels[r0:r1]
         live = (y != opts.ignore_index) & (g[r0:r1] != 0)
         gl = torch.where(live, g[r0:r1], 0.0)[:, None]
-        sc = sc.float()
-        # 1. cross-entropy: q1 - onehot(y)
+        sc, dcap = _student(sc.to(acc), opts)
+        # 1. cross-entropy with label smoothing eps, and z-loss:
+        #    q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V
         d = torch.exp(sc - lse_s[:, None])
+        if opts.z_loss:
+            d *= 1 + 2 * opts.z_loss * lse_s[:, None]
+        if opts.label_smoothing:
+            d -= opts.label_smoothing / vocab_size
         y_local = y.long() - vocab_start
         owned = live & (y_local >= 0) & (y_local < V)
-        d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -owned.float()[:, None])
+        hit = (1 - opts.label_smoothing) * owned.to(acc)
+        d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -hit[:, None])
         if opts.hrm != 0 or ref_grad:
-            lq, lp, q, p = _log_probs(sc, tc.float(), lse_u, lse_w, opts)
+            lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_u, lse_w, opts)
             # 2. divergence (kernels/hrm_loss.py gives the formulas)
             if opts.kl == "forward":
                 dku = q - p
@@ -116,6 +148,8 @@ def grad(s, t, labels, final, g, opts, vocab_start=0, ref_grad=False):
             d += c * dku
             if ref_grad:
                 dt[r0:r1] = torch.where(live[:, None], gl * c * dkw, 0.0)
-        # 3. scale by g; dead rows get zeros
+        # 3. through the soft cap, scale by g; dead rows get zeros
+        if dcap is not None:
+            d *= dcap
         ds[r0:r1] = torch.where(live[:, None], gl * d, 0.0)
     return ds, dt

@@ -2,24 +2,27 @@
 
 One program handles one row (token) and streams its vocabulary in blocks of BLOCK_V. Notation, per row:
 
-    s  student logits,  u = s / T,  q = softmax(u)     (q1 = softmax(s) for the CE term)
+    s  student logits (soft-capped first when asked: s <- c tanh(s / c)),
+       u = s / T,  q = softmax(u)     (q1 = softmax(s) for the CE term)
     t  reference logits, w = t / T,  p = softmax(w)
     lse_s = logsumexp(s), lse_u = logsumexp(u), lse_w = logsumexp(w)
 
 Three kernels, one family:
 
-1. `_hrm_stats_kernel` (read s, t once; write 6 floats a row): the *partial* row statistics
-       lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w]
+1. `_hrm_stats_kernel` (read s, t once; write 7 floats a row): the *partial* row statistics
+       lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w], sum_s = sum_j s_j
    from online max / sum-exp with running rescaling. They are combinable over vocabulary shards
-   (lse by logsumexp, the expectations weighted by exp(lse_shard - lse), s[y] by sum), which is what
-   the vocabulary-parallel path merges before finalising. With them
-       ce = lse_s - s[y],  KL(p||q) = ep - lse_w + lse_u,  KL(q||p) = eq - lse_u + lse_w.
+   (lse by logsumexp, the expectations weighted by exp(lse_shard - lse), s[y] and sum_s by sum),
+   which is what the vocabulary-parallel path merges before finalising. With them
+       ce = (1 - eps) (lse_s - s[y]) + eps (lse_s - sum_s / V)     (label smoothing eps)
+       KL(p||q) = ep - lse_w + lse_u,  KL(q||p) = eq - lse_u + lse_w,  z = z_loss lse_s^2.
 2. `_hrm_jsd_kernel` (read s, t once more; JSD only): with the final lse_u, lse_w and
    m = beta p + (1 - beta) q, the sums  kpm = KL(p||m),  kqm = KL(q||m);
    JSD = beta kpm + (1 - beta) kqm.  Needs both normalisers first, hence the second pass.
 3. `_hrm_grad_kernel` (read s, t, write ds [and dt]): the gradient, scaled per row by g_i
    (grad_output times the reduction's factor, 0 for ignored rows):
-       ds = g * ((q1 - onehot(y)) + hrm / T * dkl/du),   dt = g * hrm / T * dkl/dw
+       ds = g * ((q1 (1 + 2 z_loss lse_s) - (1 - eps) onehot(y) - eps / V) + hrm / T * dkl/du) * dcap
+       dt = g * hrm / T * dkl/dw            (dcap = 1 - tanh^2(s_raw / c) with a soft cap, else 1)
    with, for KIND = 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD:
        0:  dkl/du = q - p                                  dkl/dw = p (log p - log q - KL(p||q))
        1:  dkl/du = q (log q - log p - KL(q||p))           dkl/dw = p - q
@@ -32,8 +35,8 @@ Rows whose label is ignore_index read nothing (masked loads) and get a zero grad
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
-FWD, REV, JSD = 0, 1, 2  # KIND constexpr values
+NEG_INF = tl.constexpr(float("-inf"))
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -51,8 +54,27 @@ def _online_update(m, d, a, x, y):
     m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # avoid (-inf) - (-inf)
     r = tl.exp(m - m_ref)
     e = tl.exp(x - m_ref)
-    diff = tl.where(x == NEG_INF, 0.0, tl.where(y == NEG_INF, float("inf"), e * (x - y)))
+    diff = tl.where(x == NEG_INF, 0.0, tl.where(y == NEG_INF, INF, e * (x - y)))
     return m_new, d * r + tl.sum(e, 0), a * r + tl.sum(diff, 0)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp (no libdevice): 1 - 2 / (e^(2x) + 1); exactly +-1 for large |x|
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _load_student(ptr, mask, softcap, SOFTCAP: tl.constexpr):
+    # Student logits in fp32 with -inf at masked lanes, and d s / d s_raw. With SOFTCAP the logits
+    # become softcap * tanh(s_raw / softcap) (Gemma-2), whose derivative is 1 - tanh^2.
+    s = tl.load(ptr, mask=mask, other=NEG_INF).to(tl.float32)
+    dcap = tl.full(s.shape, 1.0, tl.float32)
+    if SOFTCAP:
+        th = _tanh(s / softcap)
+        s = tl.where(mask, softcap * th, NEG_INF)
+        dcap = 1.0 - th * th
+    return s, dcap
 
 
 @triton.jit
@@ -69,16 +91,18 @@ def _hrm_stats_kernel(
     t_ptr,          # [B, T_rows, V] reference logits, strides (t_stride_b, t_stride_t, 1)
     t_stride_b, t_stride_t,
     y_ptr,          # [N] labels (int32/int64), N = B * T_rows
-    stats_ptr,      # [N, 6] fp32 out: lse_s, s[y], lse_u, lse_w, ep, eq
+    stats_ptr,      # [N, 7] fp32 out: lse_s, s[y], lse_u, lse_w, ep, eq, sum_s
     T_rows,         # rows per leading index
     V,              # vocabulary (shard) size
     vocab_start,    # first global id of this shard (0 without sharding)
     inv_temp,       # 1 / T
     ignore_index,
+    softcap,        # c of s <- c * tanh(s / c), used when SOFTCAP
     SCALED: tl.constexpr,   # T != 1: keep separate statistics for u = s / T
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # read s and t once: 2 NVs; write 24 bytes a row
+    # read s and t once: 2 NVs; write 28 bytes a row
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(y_ptr + row).to(tl.int64)
     live = y != ignore_index
@@ -89,11 +113,13 @@ def _hrm_stats_kernel(
     m_s, d_s = zero + NEG_INF, zero
     m_u, d_u, a_u = zero + NEG_INF, zero, zero   # a_u = sum e^(u - m_u) (u - w)
     m_w, d_w, a_w = zero + NEG_INF, zero, zero   # a_w = sum e^(w - m_w) (w - u)
+    sum_s = tl.zeros([BLOCK_V], tl.float32)      # sum_j s_j, for label smoothing
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V_live
-        # 1. load one block of each row and go to fp32 at once
-        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        # 1. load one block of each row and go to fp32 at once (the student soft-capped if asked)
+        s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        sum_s += tl.where(mask, s, 0.0)
         t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
         w = t * inv_temp
         # 2. online max / sum-exp; the KL accumulators ride on the same exponentials
@@ -114,14 +140,16 @@ def _hrm_stats_kernel(
     # 4. the target logit, if this shard owns the label (one element)
     y_local = y - vocab_start
     owned = live & (y_local >= 0) & (y_local < V)
-    s_y = tl.load(s_row + tl.where(owned, y_local, 0), mask=owned, other=0.0).to(tl.float32)
-    out = stats_ptr + row * 6
+    s_y, _dcap_y = _load_student(s_row + tl.where(owned, y_local, 0), owned, softcap, SOFTCAP)
+    s_y = tl.where(owned, s_y, 0.0)
+    out = stats_ptr + row * 7
     tl.store(out + 0, lse_s)
     tl.store(out + 1, s_y)
     tl.store(out + 2, lse_u)
     tl.store(out + 3, lse_w)
     tl.store(out + 4, ep)
     tl.store(out + 5, eq)
+    tl.store(out + 6, tl.sum(sum_s, 0))
 
 
 @triton.jit
@@ -158,8 +186,9 @@ def _hrm_jsd_kernel(
     y_ptr,          # [N] labels
     lse_ptr,        # [N, 2] fp32 in: final lse_u, lse_w (over the whole vocabulary)
     out_ptr,        # [N, 2] fp32 out: partial sums kpm = sum p log(p/m), kqm = sum q log(q/m)
-    T_rows, V, inv_temp, beta, ignore_index,
+    T_rows, V, inv_temp, beta, ignore_index, softcap,
     SCALED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # read s and t once more: 2 NVs
@@ -174,7 +203,7 @@ def _hrm_jsd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V_live
-        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
         t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
         lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
         lm = _log_mixture(lq, lp, beta)
@@ -196,8 +225,13 @@ def _hrm_grad_kernel(
     dt_ptr,         # [N, V] out, dtype of t: d loss / d t (only when REF_GRAD)
     dt_stride,
     T_rows, V, vocab_start, hrm, inv_temp, beta, ignore_index,
+    label_smoothing,         # eps: the CE target is (1 - eps) onehot(y) + eps / V_total
+    smooth_per_class,        # eps / V_total (V_total: the whole vocabulary, over all shards)
+    z_loss,                  # weight of z_loss * lse_s^2
+    softcap,
     KIND: tl.constexpr,      # 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD
     SCALED: tl.constexpr,    # T != 1
+    SOFTCAP: tl.constexpr,
     READ_REF: tl.constexpr,  # hrm != 0 or REF_GRAD: the divergence's gradient is needed
     REF_GRAD: tl.constexpr,  # write dt
     BLOCK_V: tl.constexpr,
@@ -223,10 +257,12 @@ def _hrm_grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         mask = cols < V_live
-        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-        # 1. cross-entropy: d ce / d s = q1 - onehot(y)
+        s, dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        # 1. cross-entropy with label smoothing, plus z-loss:
+        #    d/ds [ce + z lse_s^2] = q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V_total
         q1 = tl.exp(s - lse_s)
-        ds = q1 - tl.where(cols == y_local, 1.0, 0.0)
+        ds = q1 * (1.0 + 2.0 * z_loss * lse_s) - tl.where(cols == y_local, 1.0 - label_smoothing, 0.0)
+        ds -= smooth_per_class
         if READ_REF:
             t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
             lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
@@ -245,6 +281,6 @@ def _hrm_grad_kernel(
             if REF_GRAD:
                 dt = tl.where(live, g * c * dkw, 0.0)
                 tl.store(dt_ptr + row * dt_stride + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row)
-        # 3. scale by g; a dead row writes zeros (its statistics are not meaningful)
-        ds = tl.where(live, g * ds, 0.0)
+        # 3. through the soft cap (d s / d s_raw), scale by g; a dead row writes zeros
+        ds = tl.where(live, g * ds * dcap, 0.0)
         tl.store(ds_ptr + row * ds_stride + cols, ds.to(ds_ptr.dtype.element_ty), mask=in_row)

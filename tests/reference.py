@@ -22,22 +22,25 @@ def divergence(s, t, kl="forward", beta=0.5, temperature=1.0):
 
 
 def reference_loss(s, t, y, hrm=1.0, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
-                   reduction="mean"):
-    """(loss, ce, kl) reduced like hrm_loss, float64; ignored tokens count nowhere."""
+                   reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None):
+    """(loss, ce, kl, z) reduced like hrm_loss, float64; ignored tokens count nowhere."""
     V = s.shape[-1]
     s64, t64 = s.double().reshape(-1, V), t.double().reshape(-1, V)
+    if softcap is not None:
+        s64 = softcap * torch.tanh(s64 / softcap)
     y = y.reshape(-1).long()
     live = y != ignore_index
-    ce = F.cross_entropy(s64, torch.where(live, y, 0), reduction="none")
+    ce = F.cross_entropy(s64, torch.where(live, y, 0), reduction="none", label_smoothing=label_smoothing)
     k = divergence(s64, t64, kl, beta, temperature)
+    z = z_loss * torch.logsumexp(s64, -1) ** 2
     zero = torch.zeros((), dtype=torch.float64)
-    ce, k = torch.where(live, ce, zero), torch.where(live, k, zero)
-    loss = ce + hrm * k if hrm else ce
+    ce, k, z = (torch.where(live, x, zero) for x in (ce, k, z))
+    loss = ce + hrm * k + z if hrm else ce + z
 
     def red(x):
         if reduction == "none":
             return x.view(s.shape[:-1])
         if reduction == "sum":
             return x.sum()
-        return x.sum() / live.sum().clamp(min=1)
-    return red(loss), red(ce), red(k)
+        return x.sum() / (live.sum().clamp(min=1) if num_items is None else num_items)
+    return red(loss), red(ce), red(k), red(z)

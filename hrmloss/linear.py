@@ -1,0 +1,401 @@
+"""Fused output projection + loss: `linear_hrm_loss`, `LinearHRMLoss`, and their autograd Function.
+
+The student logits s = hidden @ weight.T (+ bias) are never materialised for all N tokens at once. Rows
+(tokens) are processed in chunks of `chunk` rows; per chunk, with h the chunk's hidden states:
+
+    s   = h @ weight.T (+ bias)                  (c, V), input dtype (the matmul accumulates in fp32)
+    t   = ref_logits[rows]  or  ref_hidden[rows] @ ref_weight.T (+ ref_bias)
+    loss, ce, kl, z, final = forward_rows(...)   the core passes of hrm_loss (one row = one token)
+    ds  = d loss_rows / d s, scaled per row by g (the core's grad pass)
+    grad_hidden[rows] = ds @ weight              grad_weight += ds.T @ h  (fp32)   grad_bias += sum(ds)
+
+The loss statistics are per row, so chunking rows is exact. Peak extra memory: a few (chunk, V) buffers,
+the (N, H) grad_hidden and an fp32 (V, H) grad_weight accumulator, never N x V.
+
+When is the gradient computed? The incoming gradient of the loss decides:
+- reduction "mean" / "sum": the loss is a scalar, so d loss / d s_i = grad_output * w_i with a known row
+  weight w_i (1/max(count, 1) or 1). The forward computes the gradients with g = w (when grad is enabled)
+  and the backward only multiplies them, in place, by the grad_output tensor (no host sync). Hence such
+  a graph can be backpropagated once (a second backward through it raises).
+- reduction "none": grad_output is an arbitrary per-token tensor, unknown in the forward. The forward
+  keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
+  the gradient pass with g = grad_output (the matmuls are done twice, the memory stays O(chunk x V)).
+"""
+import dataclasses
+import inspect
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import _ops
+from ._core import N_FINAL, rows_3d
+from ._function import forward_rows
+from ._options import LossOptions
+from ._ops import check_labels
+from ._torch import CHUNK_ELEMS
+from .loss import FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_num_items, reduce_rows, resolve_backend
+
+# Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
+# CPU: the size of one temporary of the torch backend (CHUNK_ELEMS fp32, 8 MiB), which sub-chunks its own
+# passes at that size anyway. CUDA: every chunk reads the (V, H) weight three times (logits, grad_hidden,
+# grad_weight), so the GEMMs need a few hundred rows to be compute-bound: 256 MiB is 512 rows at V = 128k.
+CHUNK_BYTES = {"cuda": 256 << 20}
+CHUNK_BYTES_DEFAULT = 4 * CHUNK_ELEMS
+_TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
+
+
+def auto_chunk_rows(n_rows, vocab, device):
+    """Rows per chunk when chunk_size=None: max(1, min(N, bytes // (4 V))), bytes from CHUNK_BYTES."""
+    budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES_DEFAULT)
+    return max(1, min(n_rows, budget // (4 * vocab)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chunked passes (plain functions; the Function below only handles ctx)
+
+
+class _Operands(NamedTuple):
+    """The tensors of one call with rows as (B, T, .) views (no copy of a shifted view); ref side detached."""
+
+    h3: torch.Tensor                 # (B, T, H) student hidden states
+    weight: torch.Tensor             # (V, H)
+    bias: torch.Tensor | None        # (V,)
+    labels: torch.Tensor             # (N,) flat, contiguous
+    ref3: torch.Tensor               # (B', T', V) reference logits, or (B', T', H_ref) reference hidden
+    ref_weight: torch.Tensor | None  # (V, H_ref) when ref3 holds hidden states
+    ref_bias: torch.Tensor | None    # (V,)
+
+
+class _Grads(NamedTuple):
+    """Gradient buffers, None where not wanted: hidden (N, H) in its dtype, weight (V, H) and bias (V,) fp32."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias):
+    (ref3,) = rows_3d(ref_logits if ref_logits is not None else ref_hidden)
+    (h3,) = rows_3d(hidden)
+    return _Operands(h3, weight, bias, labels, ref3, ref_weight, ref_bias)
+
+
+def _take_rows(x3, r0, r1):
+    """Flat rows [r0, r1) of a (B, T, D) view as (r1 - r0, D): a view, or a copy of only these rows when
+    they straddle two leading indices."""
+    T = x3.shape[1]
+    b0, i0 = divmod(r0, T)
+    if r1 - r0 <= T - i0:
+        return x3[b0, i0:i0 + r1 - r0]
+    return torch.cat([x3[b, max(r0 - b * T, 0):min(r1 - b * T, T)] for b in range(b0, (r1 - 1) // T + 1)])
+
+
+def _linear(x, weight, bias):
+    """x @ weight.T (+ bias): (c, H) x (V, H) -> (c, V) in the input dtype, fp32 accumulation in the GEMM."""
+    return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def _chunk_logits(ops, r0, r1):
+    """(h, s, t) of rows [r0, r1): hidden (c, H), student and reference logits (c, V)."""
+    h = _take_rows(ops.h3, r0, r1)
+    ref = _take_rows(ops.ref3, r0, r1)
+    t = ref if ops.ref_weight is None else _linear(ref, ops.ref_weight, ops.ref_bias)
+    return h, _linear(h, ops.weight, ops.bias), t
+
+
+def _backprop(ops, grads, h, ds, r0, r1):
+    """Chain rule through s = h @ weight.T + bias for one chunk: ds (c, V) -> the three gradient buffers."""
+    if grads.hidden is not None:
+        torch.mm(ds, ops.weight, out=grads.hidden[r0:r1])
+    if grads.weight is not None:
+        # grad_weight += ds.T @ h, accumulated over chunks in fp32 (inputs upcast per chunk: O(chunk) memory)
+        a, b = (ds.t(), h) if ds.dtype == torch.float32 else (ds.t().float(), h.float())
+        grads.weight.addmm_(a, b)
+    if grads.bias is not None:
+        grads.bias.add_(ds.sum(0, dtype=torch.float32))
+
+
+def _chunk_grad(s, t, y, final, g, opts):
+    """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass."""
+    return _ops.grad(s, t, y, final, g, opts.key(), 0, s.shape[-1], False)[0]
+
+
+def _forward_chunk(ops, opts, r0, r1, rows, g, grads):
+    """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32 row
+    weight) also the gradients with that weight on every row. Its (c, V) temporaries die when it returns."""
+    h, s, t = _chunk_logits(ops, r0, r1)
+    y = ops.labels[r0:r1]
+    out = forward_rows(s, t, y, opts)
+    for buf, x in zip(rows, out):
+        buf[r0:r1] = x
+    if g is not None:
+        _backprop(ops, grads, h, _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0).contiguous(), opts), r0, r1)
+
+
+def _backward_chunk(ops, opts, r0, r1, final, g, grads):
+    """Recompute the logits of rows [r0, r1) and backpropagate per-row weights g (c,) fp32."""
+    h, s, t = _chunk_logits(ops, r0, r1)
+    _backprop(ops, grads, h, _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, opts), r0, r1)
+
+
+def _new_grads(ops, want_hidden, want_weight, want_bias):
+    n, (V, H) = ops.labels.shape[0], ops.weight.shape
+    return _Grads(
+        ops.h3.new_empty((n, H)) if want_hidden else None,
+        ops.weight.new_zeros((V, H), dtype=torch.float32) if want_weight else None,
+        ops.weight.new_zeros((V,), dtype=torch.float32) if want_bias and ops.bias is not None else None)
+
+
+def _row_weight(live, reduction, num_items):
+    """d reduced / d row_i for a counted row: 1 / max(count, 1) (or 1 / num_items) for "mean", 1 for "sum"
+    (0-dim, on the device)."""
+    if reduction == "sum":
+        return torch.ones((), device=live.device)
+    denom = live.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items, device=live.device)
+    return 1.0 / denom.float()
+
+
+class _Plan(NamedTuple):
+    """The non-tensor arguments of one call."""
+
+    opts: LossOptions   # with the resolved backend, "torch" or "triton"
+    chunk: int          # rows per chunk
+    num_items: object   # None, an int or a 0-dim tensor: the denominator of "mean"
+    grad_enabled: bool  # autograd was on at the call (Function.forward runs with it off)
+
+
+class LinearHRMLossFunction(torch.autograd.Function):
+    """(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan) ->
+    (loss, ce_rows, kl_rows, z_rows): loss reduced for "mean" / "sum", per row (N,) for "none"; the
+    others (N,) detached.
+
+    Gradients flow to hidden, weight and bias only; the reference side is a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan):
+        opts = plan.opts
+        ops = _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias)
+        n = labels.shape[0]
+        rows = (*(labels.new_empty((n,), dtype=torch.float32) for _ in range(4)),
+                labels.new_empty((n, N_FINAL), dtype=torch.float32))
+        live = labels != opts.ignore_index
+        wants = [plan.grad_enabled and w for w in ctx.needs_input_grad[:3]]
+        ctx.eager = any(wants) and opts.reduction != "none"
+        grads = _new_grads(ops, *wants) if ctx.eager else None
+        g = _row_weight(live, opts.reduction, plan.num_items) if ctx.eager else None
+        for r0 in range(0, n, plan.chunk):
+            _forward_chunk(ops, opts, r0, min(r0 + plan.chunk, n), rows, g, grads)
+        loss_rows, ce, kl, z, final = rows
+        ctx.grads, ctx.plan, ctx.hidden_shape, ctx.weight_dtype = grads, plan, hidden.shape, weight.dtype
+        if opts.reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias,
+                                  final)
+        ctx.mark_non_differentiable(ce, kl, z)
+        return reduce_rows(loss_rows, live, opts.reduction, plan.num_items), ce, kl, z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *_):
+        if ctx.eager:  # "mean" / "sum": scale the forward's gradients by the scalar grad_loss, in place
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "linear_hrm_loss: a second backward through the same graph is not supported with "
+                    "reduction 'mean' or 'sum' (the gradients were computed in the forward and scaled in "
+                    "place by the first backward); run the forward again")
+            grads, ctx.grads = ctx.grads, None
+            go = grad_loss.float()
+            grads = _Grads(*(None if x is None else x.mul_(go) for x in grads))
+        else:          # "none": recompute the logits chunk by chunk, backpropagate the per-row grad_loss
+            *tensors, final = ctx.saved_tensors
+            ops, plan = _operands(*tensors), ctx.plan
+            grads = _new_grads(ops, *ctx.needs_input_grad[:3])
+            g, n = grad_loss.float().contiguous(), final.shape[0]
+            for r0 in range(0, n, plan.chunk):
+                r1 = min(r0 + plan.chunk, n)
+                _backward_chunk(ops, plan.opts, r0, r1, final, g[r0:r1], grads)
+        gh, gw, gb = grads
+        gh = None if gh is None else gh.view(ctx.hidden_shape)
+        gw = None if gw is None else gw.to(ctx.weight_dtype)
+        gb = None if gb is None else gb.to(ctx.weight_dtype)
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API: validation, backend choice, reduction of the components
+
+
+def _loss_options(given):
+    """LossOptions from the call's arguments, each field taken by its name (absent ones keep their default):
+    a new LossOptions field needs nothing here, only its keyword in the signature of linear_hrm_loss."""
+    return LossOptions(**{f.name: given[f.name] for f in dataclasses.fields(LossOptions) if f.name in given})
+
+
+def _check_call_options(return_components, chunk_size):
+    if not isinstance(return_components, bool):
+        raise TypeError(f"return_components={return_components!r}: expected a bool")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)):
+        raise TypeError(f"chunk_size={chunk_size!r}: expected None or an int")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected None (automatic) or an int >= 1")
+
+
+def _check_tensor(name, x, dtypes, dtype_names):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name}.dtype={x.dtype}: expected {dtype_names}")
+
+
+def _check_projection(prefix, hidden, weight, bias, vocab=None):
+    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype; V = vocab when given."""
+    floats = "float32, bfloat16 or float16"
+    _check_tensor(f"{prefix}hidden", hidden, FLOAT_DTYPES, floats)
+    _check_tensor(f"{prefix}weight", weight, FLOAT_DTYPES, floats)
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{prefix}hidden.shape={tuple(hidden.shape)}: expected (..., H) with H >= 1")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
+        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected (V, H) with V >= 1 and "
+                         f"H = {prefix}hidden.shape[-1] = {H}")
+    if vocab is not None and weight.shape[0] != vocab:
+        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected V = weight.shape[0] = {vocab} "
+                         "rows (the student's vocabulary)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}weight.dtype={weight.dtype}: expected the dtype of {prefix}hidden, "
+                        f"{hidden.dtype}")
+    if bias is not None:
+        _check_tensor(f"{prefix}bias", bias, (weight.dtype,), f"the dtype of {prefix}weight, {weight.dtype}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{prefix}bias.shape={tuple(bias.shape)}: expected ({weight.shape[0]},)")
+
+
+def check_linear_tensors(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias):
+    """Types, shapes, dtypes and devices of a linear_hrm_loss call; TypeError / ValueError naming the argument."""
+    _check_projection("", hidden, weight, bias)
+    _check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
+    lead, V = tuple(hidden.shape[:-1]), weight.shape[0]
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels.shape={tuple(labels.shape)}: expected hidden.shape[:-1] = {lead}")
+    if ref_logits is not None:
+        if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_logits was given together with ref_hidden / ref_weight / ref_bias: "
+                             "expected exactly one of ref_logits or (ref_hidden, ref_weight[, ref_bias])")
+        _check_tensor("ref_logits", ref_logits, FLOAT_DTYPES, "float32, bfloat16 or float16")
+        if tuple(ref_logits.shape) != (*lead, V):
+            raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected hidden.shape[:-1] + (V,) "
+                             f"= {(*lead, V)} with V = weight.shape[0]")
+        refs = {"ref_logits": ref_logits}
+    else:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("no reference: expected ref_logits, or both ref_hidden and ref_weight "
+                             f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
+                             f"ref_weight={'a tensor' if ref_weight is not None else None})")
+        _check_projection("ref_", ref_hidden, ref_weight, ref_bias, vocab=V)
+        if tuple(ref_hidden.shape[:-1]) != lead:
+            raise ValueError(f"ref_hidden.shape={tuple(ref_hidden.shape)}: expected hidden.shape[:-1] + "
+                             f"(H_ref,) with hidden.shape[:-1] = {lead}")
+        refs = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
+    others = {"weight": weight, "bias": bias, "labels": labels, **refs}
+    for name, x in others.items():
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name}.device={x.device}: expected the device of hidden, {hidden.device}")
+
+
+def _detach(x):
+    return None if x is None else x.detach()
+
+
+def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=None, ref_hidden=None,
+                    ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
+                    reduction="mean", return_components=False, chunk_size=None, backend="auto",
+                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None):
+    """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
+
+    With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (DESIGN.md §1):
+
+        ce_i   = logsumexp(s_i) - s_i[y_i]       (with label smoothing and soft cap as in hrm_loss)
+        kl_i   = KL(p_T || q_T)  (kl="forward"),  KL(q_T || p_T)  (kl="reverse"),
+                 beta KL(p_T || m) + (1 - beta) KL(q_T || m),  m = beta p_T + (1 - beta) q_T  (kl="jsd")
+        loss_i = ce_i + hrm * kl_i + z_i,   q_T = softmax(s_i / T),  p_T = softmax(t_i / T)
+
+    computed over chunks of `chunk_size` tokens: peak extra memory O(chunk_size x V) plus the (N, H)
+    gradient of hidden and an fp32 (V, H) accumulator of the gradient of weight (see the module docstring
+    for when the gradient is computed: in the forward for "mean" / "sum", recomputed in the backward
+    for "none").
+
+    Args:
+        hidden: (..., H) float32 / bfloat16 / float16, the student's last hidden states. Receives a
+            gradient of its shape and dtype.
+        weight: (V, H), hidden's dtype, the student's output projection. Its gradient is accumulated
+            over chunks in fp32 and returned in its dtype.
+        labels: (...) = hidden.shape[:-1], int64 or int32, values in [0, V) or `ignore_index`.
+        hrm: weight of the divergence, finite and >= 0.
+        bias: optional (V,) output bias, weight's dtype (gets a gradient like weight).
+        ref_logits: (..., V) any float dtype, precomputed reference logits; or instead
+        ref_hidden, ref_weight, ref_bias: the reference's last hidden states (..., H_ref), output weight
+            (V, H_ref) and optional bias (V,), one float dtype; the reference logits are then computed
+            chunk by chunk too. Exactly one of the two forms. The reference side is a constant.
+        kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
+        num_items: as in `hrm_loss`.
+        return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
+        chunk_size: tokens per chunk; None picks the most rows whose fp32 logits fit in 8 MiB (CPU) or
+            256 MiB (CUDA), at least 1 and at most N (`auto_chunk_rows`).
+
+    Returns:
+        The fp32 loss (a scalar, or the shape of labels for reduction="none"), or `HRMLossOutput` whose
+        `ce`, `kl` and `z` are reduced like the loss, detached, fp32.
+
+    The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
+    """
+    opts = _loss_options(locals())
+    _check_call_options(return_components, chunk_size)
+    check_num_items(num_items, opts.reduction)
+    check_linear_tensors(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias)
+    opts = dataclasses.replace(opts, backend=resolve_backend(opts.backend, hidden.device))
+    flat = labels.reshape(-1).contiguous()
+    V = weight.shape[0]
+    check_labels(flat, 0, V, opts.ignore_index)
+    chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V, hidden.device)
+    plan = _Plan(opts, int(chunk), num_items, torch.is_grad_enabled())
+    loss, *parts = LinearHRMLossFunction.apply(
+        hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
+    live = flat != opts.ignore_index
+    out = HRMLossOutput(loss, *(reduce_rows(x, live, opts.reduction, num_items) for x in parts))
+    if opts.reduction == "none":
+        out = HRMLossOutput(*(x.view(labels.shape) for x in out))
+    return out if return_components else out.loss
+
+
+def _option_names():
+    """The keyword-only options of linear_hrm_loss that are not tensors (what LinearHRMLoss stores)."""
+    params = inspect.signature(linear_hrm_loss).parameters.values()
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _TENSOR_KEYWORDS + ("num_items",)]
+
+
+class LinearHRMLoss(torch.nn.Module):
+    """`linear_hrm_loss` as a module: options at construction (the keywords of linear_hrm_loss, same
+    names and defaults), tensors at the call:
+
+        forward(hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
+                ref_bias=None)
+    """
+
+    def __init__(self, hrm=1.0, **options):
+        super().__init__()
+        unknown = sorted(set(options) - set(_option_names()))
+        if unknown:
+            raise TypeError(f"LinearHRMLoss got unexpected option(s) {unknown}: expected some of "
+                            f"{_option_names()}")
+        self.kwargs = {"hrm": hrm, **options}
+        _loss_options(self.kwargs)  # fail at construction, not at the first call
+        _check_call_options(options.get("return_components", False), options.get("chunk_size"))
+
+    def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
+                ref_bias=None, num_items=None):
+        return linear_hrm_loss(hidden, weight, labels, bias=bias, ref_logits=ref_logits, ref_hidden=ref_hidden,
+                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, **self.kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
