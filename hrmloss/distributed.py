@@ -9,16 +9,17 @@ shard statistics combine exactly (notation of kernels/hrm_loss.py, shards r = 0.
     E_p[w-u] = sum_r exp(lse_w,r - lse_w) E_p,r[w-u]          E_p,r: the expectation under the shard's
     E_q[u-w] = sum_r exp(lse_u,r - lse_u) E_q,r[u-w]                 own softmax (its partial stats)
     s[y]     = sum_r s_r[y]                                   (only the owner's is non-zero)
+    sum_j s_j = sum_r of the shard sums                       (label smoothing)
     KL(p||m), KL(q||m) = sum_r of the shard sums              (JSD second pass, given the merged lse)
 
 Collectives per forward call, all `all_reduce` on tensors of the logits' device, N = rows:
 
     1. check: MAX of 6 int64, [V_l, -V_l, N, -N, c, -c] (c a checksum of the labels)
     2. stats: MAX of (N, 3) fp32, the shard lse (a stable reference for the exponentials)
-    3. stats: SUM of (N, 6) fp32, the rescaled sums, s[y] and the weighted expectations
+    3. stats: SUM of (N, 7) fp32, the rescaled sums, s[y], sum_j s_j and the weighted expectations
     4. (kl="jsd" only) SUM of (N, 2) fp32, the JSD partial sums
 
-so 3 (forward, reverse) or 4 (jsd) collectives of at most 6N floats, never the logits. The backward pass
+so 3 (forward, reverse) or 4 (jsd) collectives of at most 7N floats, never the logits. The backward pass
 reads the merged statistics saved by the forward and needs no communication: each rank writes the
 gradient of its own shard.
 """
@@ -26,7 +27,10 @@ import torch
 import torch.distributed as dist
 
 INF = float("inf")
-_LSE_COLS = [0, 2, 3]  # lse_s, lse_u, lse_w in the (N, 6) partial statistics of hrmloss._core
+# columns of the partial statistics of hrmloss._core: lse_s, lse_u, lse_w; ep = E_p[w - u] (weighted by
+# the share of lse_w), eq = E_q[u - w] (by that of lse_u); every other column is a plain sum
+_LSE_COLS = [0, 2, 3]
+_EP, _EQ = 4, 5
 
 
 def _labels_checksum(labels):
@@ -64,28 +68,33 @@ class VocabShard:
         return self.world * self.v_local
 
     def merge_stats(self, partial):
-        """(N, 6) fp32 statistics of this shard -> (N, 6) of the whole vocabulary (2 all_reduce).
+        """(N, P) statistics of this shard -> (N, P) of the whole vocabulary (2 all_reduce).
 
-        Rows whose every shard is empty (all -inf) get lse = -inf and expectations 0, like one process.
+        Columns as in hrmloss._core: lse_s, s[y], lse_u, lse_w, ep, eq, then plain sums over the
+        vocabulary (sum_j s_j). Rows whose every shard is empty (all -inf) get lse = -inf and
+        expectations 0, like one process.
         """
         lse = partial[:, _LSE_COLS]                          # (N, 3), a fresh contiguous tensor
         top = lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         top = torch.where(top == -INF, torch.zeros((), dtype=top.dtype, device=top.device), top)
         share = torch.exp(lse - top)                         # this shard's sum-exp, rescaled to top
-        sums = torch.stack((
-            share[:, 0], share[:, 1], share[:, 2],
-            partial[:, 1],                                   # s[y]: only the owner's is non-zero
-            _share_times(share[:, 2], lse[:, 2], partial[:, 4]),   # weighted E_p,r[w - u]
-            _share_times(share[:, 1], lse[:, 1], partial[:, 5]),   # weighted E_q,r[u - w]
+        plain = [c for c in range(partial.shape[1]) if c not in _LSE_COLS + [_EP, _EQ]]
+        sums = torch.cat((
+            share,
+            partial[:, plain],                               # s[y] (only the owner's is non-zero), sum_s
+            _share_times(share[:, 2], lse[:, 2], partial[:, _EP])[:, None],   # weighted E_p,r[w - u]
+            _share_times(share[:, 1], lse[:, 1], partial[:, _EQ])[:, None],   # weighted E_q,r[u - w]
         ), 1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
         total = sums[:, :3]
-        lse_all = top + torch.log(total)                     # log 0 = -inf for an all-empty row
         safe = torch.where(total == 0, torch.ones((), dtype=total.dtype, device=total.device), total)
-        ep = sums[:, 4] / safe[:, 2]
-        eq = sums[:, 5] / safe[:, 1]
-        return torch.stack((lse_all[:, 0], sums[:, 3], lse_all[:, 1], lse_all[:, 2], ep, eq), 1)
+        out = torch.empty_like(partial)
+        out[:, _LSE_COLS] = top + torch.log(total)           # log 0 = -inf for an all-empty row
+        out[:, plain] = sums[:, 3:3 + len(plain)]
+        out[:, _EP] = sums[:, -2] / safe[:, 2]
+        out[:, _EQ] = sums[:, -1] / safe[:, 1]
+        return out
 
     def merge_sums(self, x):
         """(N, k) fp32 per-shard sums -> the sums over the whole vocabulary (1 all_reduce, in place)."""
