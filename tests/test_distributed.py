@@ -37,6 +37,7 @@ CASES = {
     "bf16_forward": dict(opts=dict(kl="forward", temperature=1.5), dtype=torch.bfloat16),
     "bf16_jsd_sum": dict(opts=dict(kl="jsd", reduction="sum"), dtype=torch.bfloat16),
     "err_v_local": dict(opts=dict(kl="forward"), error="v_local"),
+    "hrm0_reverse": dict(opts=dict(kl="reverse", hrm=0.0)),
     "shifted_3d_module": dict(opts=dict(kl="reverse", reduction="sum", temperature=2.0), shift=True,
                               module=True),
     "err_label_high": dict(opts=dict(kl="forward"), error="label_high"),
