@@ -27,9 +27,12 @@ def _chunks(s, t):
             yield b * T_rows + i, b * T_rows + j, s[b, i:j], t[b, i:j]
 
 
-def _where_x(x, value, zero_at):
-    # value, but 0 where the weight x is 0 (so 0 * inf or -inf - -inf never becomes NaN)
-    return torch.where(zero_at, torch.zeros((), dtype=value.dtype, device=value.device), value)
+NEG_INF = float("-inf")
+
+
+def _zero_where(cond, value):
+    # value, with 0 where cond (so 0 * inf or -inf - -inf never becomes NaN)
+    return torch.where(cond, torch.zeros((), dtype=value.dtype, device=value.device), value)
 
 
 def _student(sc, opts):
@@ -45,10 +48,10 @@ def _lse_and_mean(x, y):
     divided by the computed sum of exponentials, so rounding in the normaliser cancels. Terms where
     x = -inf are 0, +inf where y = -inf < x; an all -inf row gives (-inf, 0)."""
     m = x.amax(-1, keepdim=True)
-    m = torch.where(m == float("-inf"), 0.0, m)
+    m = torch.where(m == NEG_INF, 0.0, m)
     e = torch.exp(x - m)
-    diff = torch.where(y == float("-inf"), float("inf"), x - y)
-    a = _where_x(e, e * diff, x == float("-inf")).sum(-1)
+    # +inf wherever y = -inf < x, even where e underflowed to 0 (the true weight is not 0)
+    a = _zero_where(x == NEG_INF, torch.where(y == NEG_INF, float("inf"), e * (x - y))).sum(-1)
     d = e.sum(-1)
     return m[:, 0] + torch.log(d), torch.where(d == 0, 0.0, a / d)
 
@@ -87,7 +90,7 @@ def _log_probs(sc, tc, lse_u, lse_w, opts):
 
 def _xlog_ratio(x, la, lb):
     # x * (la - lb), 0 where x = 0
-    return _where_x(x, x * (la - lb), x == 0)
+    return _zero_where(x == 0, x * (la - lb))
 
 
 def _log_mixture(lq, lp, beta):

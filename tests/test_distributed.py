@@ -53,6 +53,8 @@ CASES = {
                                    dtype=torch.bfloat16, mask="pad"),
     "triton_inf_in_underflowed_shard": dict(opts=dict(kl="forward", reduction="none", backend="triton"),
                                             mask="underflow"),
+    "torch_inf_in_underflowed_shard": dict(opts=dict(kl="forward", reduction="none", backend="torch"),
+                                           mask="underflow"),
     "smoothing_zloss_softcap": dict(opts=dict(kl="forward", temperature=2.0, label_smoothing=0.1,
                                               z_loss=1e-2, softcap=3.0)),
     "ref_grad_jsd_num_items": dict(opts=dict(kl="jsd", label_smoothing=0.2, num_items=7), ref_grad=True),
@@ -353,8 +355,9 @@ def test_infinite_divergence_survives_an_underflowed_shard(group_run):
     # the shard's weight exp(lse_r - lse) is 0 in fp32 but its E_p[w - u] is +inf: the merge keeps inf
     world, jobs, results = group_run
     for r, res in enumerate(results):
-        kl = res["triton_inf_in_underflowed_shard"]["out"][2]
-        assert kl[0] == float("inf") and torch.isfinite(kl[1:]).all(), f"rank {r}: {kl}"
+        for backend in ("triton", "torch"):
+            kl = res[f"{backend}_inf_in_underflowed_shard"]["out"][2]
+            assert kl[0] == float("inf") and torch.isfinite(kl[1:]).all(), f"{backend}, rank {r}: {kl}"
 
 
 @pytest.mark.parametrize("name", _case_names("loss"))

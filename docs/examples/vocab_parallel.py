@@ -106,10 +106,9 @@ def dtensor_style(**opts):
     return out
 
 
-def main(rank=None, world=None):
-    if rank is not None:  # started by mp.spawn below
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+def main(rank=None, world=None, rendezvous=None):
+    if rank is not None:  # started by mp.spawn below: meet through a file (no port to race for)
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     else:                 # started by torchrun
         dist.init_process_group("gloo")
     opts = dict(hrm=0.5, kl="forward", temperature=2.0)
@@ -126,10 +125,8 @@ if __name__ == "__main__":
     if "LOCAL_RANK" in os.environ:
         main()
     else:
-        import socket
+        import tempfile
 
         import torch.multiprocessing as mp
-        with socket.socket() as s:  # a free port for the rendezvous
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        mp.spawn(main, args=(2,), nprocs=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(main, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2)
