@@ -29,7 +29,7 @@ def _inputs():
     return s, t, y
 
 
-@pytest.mark.parametrize("kl", ["forward", "jsd"])
+@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
 def test_compiled_path_matches_reference(small_chunks, kl):
     s, t, y = _inputs()
     s.requires_grad_()
@@ -41,6 +41,22 @@ def test_compiled_path_matches_reference(small_chunks, kl):
     assert not _torch_compiled._state["failed"] and _torch_compiled._state["fns"], "compiled path not taken"
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.grad.double(), s_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_grad_to_the_reference_matches_eager(small_chunks):
+    from hrmloss._core import rows_3d
+    from hrmloss._function import forward_rows
+    from hrmloss._options import LossOptions
+    s, t, y = _inputs()
+    s3, t3, flat = rows_3d(s[:, :-1]), rows_3d(t[:, :-1]), y.reshape(-1)
+    opts = LossOptions(hrm=0.7, kl="reverse")
+    final = forward_rows(_torch, s3, t3, flat, opts)[3]
+    g = torch.linspace(0.5, 1.5, flat.numel())
+    got = _torch_compiled.grad(s3, t3, flat, final, g, opts, ref_grad=True)
+    want = _torch.grad(s3, t3, flat, final, g, opts, ref_grad=True)
+    assert _torch_compiled._state["fns"] and not _torch_compiled._state["failed"]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_uniform_chunks_cover_every_row_once_or_twice():
