@@ -12,11 +12,18 @@ When the compiled path is taken (checked per call, nothing happens at import):
 - the work is at least COMPILE_MIN_ELEMS elements, so small calls (and tests) never pay a compile.
 Otherwise every call goes to the eager _torch functions.
 
-Shapes are static (`dynamic=False`): every chunk has exactly `rows = CHUNK_ELEMS // V` rows, so one
-compilation per (V, dtype, options) serves every number of tokens. A sequence whose length is not a
-multiple of `rows` ends with a chunk shifted back to overlap its predecessor; the overlapped rows are
-computed twice with identical results (row results depend on that row only) and written twice.
-A sequence shorter than `rows` is one chunk of its own length (one more compilation).
+Shapes are static (`dynamic=False`): every compiled call gets exactly `rows = COMPILED_CHUNK_ELEMS // V`
+rows (traced, _torch._chunks makes them one chunk), so one compilation per (V, dtype, options) serves
+every number of tokens. A sequence whose length is not a multiple of `rows` ends with a chunk shifted
+back to overlap its predecessor; the overlapped rows are computed twice with identical results (row
+results depend on that row only) and written twice. A sequence shorter than `rows` is one chunk of its
+own length (one more compilation). The chunks are 8x the eager ones: Inductor keeps the temporaries in
+registers, so a chunk costs little memory, and few large parallel loops stall less than many small
+ones when other processes share the cores.
+
+The options are compile-time constants: every distinct (hrm, temperature, kl, ...) compiles once more
+(about 10 s on a small CPU). Past dynamo's recompile limit (8 variants a function) further variants run
+eagerly with a dynamo warning. A schedule that changes hrm at every step should set HRMLOSS_COMPILE=0.
 """
 import os
 import warnings
@@ -27,6 +34,7 @@ from . import _torch
 from ._core import N_PARTIAL
 
 COMPILE_MIN_ELEMS = 1 << 22  # below this many logits (16 MiB fp32) the eager path is used
+COMPILED_CHUNK_ELEMS = 1 << 24  # logits per compiled call: few, large parallel loops (temporaries fused)
 
 _state = {"failed": False, "fns": {}}
 
@@ -67,7 +75,7 @@ def _compiled(fn):
 def _uniform_chunks(s):
     """(r0, r1, index) of equal-size row chunks of s (B, T, V), index selecting s[b:b+1, i:i+rows]."""
     B, T_rows, V = s.shape
-    step = min(T_rows, max(1, _torch.CHUNK_ELEMS // max(V, 1)))
+    step = min(T_rows, max(1, COMPILED_CHUNK_ELEMS // max(V, 1)))
     for b in range(B):
         for i in range(0, T_rows, step):
             i = min(i, T_rows - step)  # the last chunk overlaps its predecessor instead of being shorter

@@ -14,7 +14,7 @@ from tests.reference import reference_loss
 def small_chunks(monkeypatch):
     """Compile at any size, with 4-row chunks of V = 96, and a clean per-test compile state."""
     monkeypatch.setattr(_torch_compiled, "COMPILE_MIN_ELEMS", 0)
-    monkeypatch.setattr(_torch, "CHUNK_ELEMS", 4 * 96)
+    monkeypatch.setattr(_torch_compiled, "COMPILED_CHUNK_ELEMS", 4 * 96)
     monkeypatch.setitem(_torch_compiled._state, "failed", False)
     monkeypatch.setitem(_torch_compiled._state, "fns", {})
     monkeypatch.setenv("HRMLOSS_COMPILE", "1")
@@ -62,12 +62,12 @@ def test_compiled_grad_to_the_reference_matches_eager(small_chunks):
 def test_uniform_chunks_cover_every_row_once_or_twice():
     s = torch.empty(3, 10, 5)
     rows = torch.zeros(30, dtype=torch.int64)
-    saved = _torch.CHUNK_ELEMS
+    saved = _torch_compiled.COMPILED_CHUNK_ELEMS
     try:
-        _torch.CHUNK_ELEMS = 4 * 5
+        _torch_compiled.COMPILED_CHUNK_ELEMS = 4 * 5
         chunks = list(_torch_compiled._uniform_chunks(s))
     finally:
-        _torch.CHUNK_ELEMS = saved
+        _torch_compiled.COMPILED_CHUNK_ELEMS = saved
     for r0, r1, (b, i) in chunks:
         assert r1 - r0 == 4 and s[b, i].shape == (1, 4, 5) and r0 == b.start * 10 + i.start
         rows[r0:r1] += 1
