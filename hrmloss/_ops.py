@@ -14,11 +14,13 @@ from ._options import LossOptions
 
 
 def _impl(opts):
+    """The launcher module of the resolved backend: _triton, or the torch passes (compiled per chunk on
+    large CPU inputs when that pays off, see _torch_compiled.py)."""
     if opts.backend == "triton":
         from . import _triton
         return _triton
-    from . import _torch
-    return _torch
+    from . import _torch_compiled
+    return _torch_compiled
 
 
 def _acc_dtype(x):

@@ -20,7 +20,8 @@ def _acc(s):
 def _chunks(s, t):
     """Yield (r0, r1, s[r0:r1], t[r0:r1]) over the flat rows of (B, T, V) views, never crossing b."""
     B, T_rows, V = s.shape
-    step = max(1, CHUNK_ELEMS // max(V, 1))
+    # traced by torch.compile (see _torch_compiled.py), the caller has chunked: one chunk, fused by Inductor
+    step = T_rows if torch.compiler.is_compiling() else max(1, CHUNK_ELEMS // max(V, 1))
     for b in range(B):
         for i in range(0, T_rows, step):
             j = min(i + step, T_rows)

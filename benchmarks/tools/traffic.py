@@ -5,13 +5,12 @@ atomics apart); caches are not modelled, so it is the traffic a GPU would see wi
 TRITON_INTERPRET=1 must be set before triton is first imported, and the tensors must be on the CPU.
 
     import os; os.environ["TRITON_INTERPRET"] = "1"
-    from tests.traffic import count_traffic
+    from benchmarks.tools.traffic import count_traffic
     with count_traffic() as t:
         loss = my_op(x); loss.backward()
     print(t.loaded, t.stored, t.launches)
 
-Run as a script for a self-check: python -m tests.traffic
-(The project's own copy of the team tool shared/tools/traffic.py.)
+Run as a script for a self-check: python -m benchmarks.tools.traffic
 """
 import contextlib
 import os

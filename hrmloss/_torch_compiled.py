@@ -1,0 +1,134 @@
+"""The torch backend, with its per-chunk passes compiled by `torch.compile` where that works.
+
+Same three functions and signatures as _torch.py, and the same math: each compiled function *is*
+_torch.row_stats / jsd_sums / grad, applied to one (1, rows, V) chunk, so Inductor fuses the dozen
+elementwise passes of the eager chunk (exp, where, sub, sum, ...) into a few vectorised loops over each
+row. Eager PyTorch reads and writes every (rows, V) temporary; the compiled chunk keeps them in registers.
+
+When the compiled path is taken (checked per call, nothing happens at import):
+- the environment variable HRMLOSS_COMPILE is not "0" (read at every call), `torch.compile` exists and
+  has not failed before in this process (the first failure warns once and turns it off);
+- the tensors are on the CPU and not already being traced by an outer `torch.compile`;
+- the work is at least COMPILE_MIN_ELEMS elements, so small calls (and tests) never pay a compile.
+Otherwise every call goes to the eager _torch functions.
+
+Shapes are static (`dynamic=False`): every compiled call gets exactly `rows = COMPILED_CHUNK_ELEMS // V`
+rows (traced, _torch._chunks makes them one chunk), so one compilation per (V, dtype, options) serves
+every number of tokens. A sequence whose length is not a multiple of `rows` ends with a chunk shifted
+back to overlap its predecessor; the overlapped rows are computed twice with identical results (row
+results depend on that row only) and written twice. A sequence shorter than `rows` is one chunk of its
+own length (one more compilation). The chunks are 8x the eager ones: Inductor keeps the temporaries in
+registers, so a chunk costs little memory, and few large parallel loops stall less than many small
+ones when other processes share the cores.
+
+The options are compile-time constants: every distinct (hrm, temperature, kl, ...) compiles once more
+(about 10 s on a small CPU). Past dynamo's recompile limit (8 variants a function) further variants run
+eagerly with a dynamo warning. A schedule that changes hrm at every step should set HRMLOSS_COMPILE=0.
+"""
+import os
+import warnings
+
+import torch
+
+from . import _torch
+from ._core import N_PARTIAL
+
+COMPILE_MIN_ELEMS = 1 << 22  # below this many logits (16 MiB fp32) the eager path is used
+COMPILED_CHUNK_ELEMS = 1 << 24  # logits per compiled call: few, large parallel loops (temporaries fused)
+
+_state = {"failed": False, "fns": {}}
+
+
+def compile_enabled():
+    """True unless HRMLOSS_COMPILE=0, torch.compile is missing, or it failed earlier in this process."""
+    return (os.environ.get("HRMLOSS_COMPILE", "1") != "0" and hasattr(torch, "compile")
+            and not _state["failed"])
+
+
+def _use_compiled(s):
+    return (compile_enabled() and s.device.type == "cpu" and s.numel() >= COMPILE_MIN_ELEMS
+            and not torch.compiler.is_compiling())
+
+
+def _stats_into(out, s, t, labels, opts, vocab_start):
+    out.copy_(_torch.row_stats(s, t, labels, opts, vocab_start))
+
+
+def _jsd_into(out, s, t, labels, lse_uw, opts):
+    out.copy_(_torch.jsd_sums(s, t, labels, lse_uw, opts))
+
+
+def _grad_into(ds_out, dt_out, s, t, labels, final, g, opts, vocab_size, vocab_start):
+    ds, dt = _torch.grad(s, t, labels, final, g, opts, vocab_size, vocab_start, ref_grad=dt_out is not None)
+    ds_out.copy_(ds)
+    if dt_out is not None:
+        dt_out.copy_(dt)
+
+
+def _compiled(fn):
+    fns = _state["fns"]
+    if fn not in fns:
+        fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return fns[fn]
+
+
+def _uniform_chunks(s):
+    """(r0, r1, index) of equal-size row chunks of s (B, T, V), index selecting s[b:b+1, i:i+rows]."""
+    B, T_rows, V = s.shape
+    step = min(T_rows, max(1, COMPILED_CHUNK_ELEMS // max(V, 1)))
+    for b in range(B):
+        for i in range(0, T_rows, step):
+            i = min(i, T_rows - step)  # the last chunk overlaps its predecessor instead of being shorter
+            yield b * T_rows + i, b * T_rows + i + step, (slice(b, b + 1), slice(i, i + step))
+
+
+def _try_chunks(fn, s, chunk_args):
+    """Run the compiled fn(*chunk_args(r0, r1, index)) over the chunks of s; False if that failed.
+
+    The first failure (no C++ compiler, an op Inductor cannot lower, ...) warns once and turns the
+    compiled path off for the process; the caller then redoes the whole call eagerly, which raises
+    again if the error was the caller's.
+    """
+    try:
+        run = _compiled(fn)
+        for r0, r1, index in _uniform_chunks(s):
+            run(*chunk_args(r0, r1, index))
+        return True
+    except Exception as e:  # noqa: BLE001
+        _state["failed"] = True
+        warnings.warn(f"hrmloss: torch.compile of the torch backend failed ({type(e).__name__}: {e}); "
+                      "using eager PyTorch from now on", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def row_stats(s, t, labels, opts, vocab_start=0):
+    """(N, 7) fp32 partial statistics, as _torch.row_stats."""
+    if _use_compiled(s):
+        out = torch.empty((s.shape[0] * s.shape[1], N_PARTIAL), device=s.device, dtype=_torch._acc(s))
+        if _try_chunks(_stats_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1], opts,
+                                                          vocab_start)):
+            return out
+    return _torch.row_stats(s, t, labels, opts, vocab_start)
+
+
+def jsd_sums(s, t, labels, lse_uw, opts):
+    """(N, 2) fp32 partial sums KL(p||m), KL(q||m), as _torch.jsd_sums."""
+    if _use_compiled(s):
+        out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=_torch._acc(s))
+        if _try_chunks(_jsd_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1],
+                                                        lse_uw[r0:r1], opts)):
+            return out
+    return _torch.jsd_sums(s, t, labels, lse_uw, opts)
+
+
+def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False):
+    """d loss / d s (N, V) and d loss / d t (or None), as _torch.grad."""
+    if _use_compiled(s):
+        B, T_rows, V = s.shape
+        ds = torch.empty((B * T_rows, V), device=s.device, dtype=s.dtype)
+        dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
+        if _try_chunks(_grad_into, s, lambda r0, r1, k: (
+                ds[r0:r1], dt[r0:r1] if ref_grad else None, s[k], t[k], labels[r0:r1], final[r0:r1],
+                g[r0:r1], opts, vocab_size, vocab_start)):
+            return ds, dt
+    return _torch.grad(s, t, labels, final, g, opts, vocab_size, vocab_start, ref_grad)

@@ -1,0 +1,46 @@
+"""Every benchmark in benchmarks/ runs once at a tiny size, and the report is generated from its JSON,
+so neither can rot. (The benchmarks themselves are never part of `python -m pytest tests`.)"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("pytest_benchmark")
+pytest.importorskip("matplotlib")
+
+
+def test_every_benchmark_runs_at_tiny_size_and_reports(tmp_path):
+    out = tmp_path / "tiny.json"
+    env = dict(os.environ, HRMLOSS_BENCH_SIZE="tiny", HRMLOSS_BENCH_DEVICE="cpu", TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+         f"--benchmark-json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    ran = {(b["extra_info"]["kind"], b["extra_info"]["provider"]) for b in data["benchmarks"]}
+    for kind, provider in [("loss", "naive"), ("loss", "compile"), ("loss", "hrmloss"),
+                           ("loss", "hrmloss-eager"), ("linear", "naive-linear"), ("linear", "compile-linear"),
+                           ("traffic", "hrmloss-triton")]:
+        assert (kind, provider) in ran, (kind, provider, sorted(ran))
+    for b in data["benchmarks"]:  # every measured loss matched the float64 reference (else it failed)
+        e = b["extra_info"]
+        if e["kind"] != "traffic":
+            assert e["peak_bytes"] > 0 and abs(e["loss"] - e["reference"]) <= 2e-4 * max(1, abs(e["reference"]))
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import report
+    finally:
+        sys.path.remove(str(ROOT))
+    md, images = tmp_path / "performance.md", tmp_path / "images"
+    report.main([str(out), "--out", str(md), "--images", str(images)])
+    text = md.read_text()
+    assert "| 64 x 512 float32 |" in text and "## Memory traffic of the Triton kernels" in text
+    assert "Intel" in text or "Machine:" in text
+    assert (images / "perf_loss_forward_backward_time.png").stat().st_size > 0
+    assert (images / "perf_traffic.png").stat().st_size > 0
