@@ -99,6 +99,18 @@ def _log_mixture(lq, lp, beta):
     return torch.logaddexp(lp + math.log(beta), lq + math.log(1.0 - beta))
 
 
+def _divergence_grads(opts, lq, lp, q, p, kl_p, kl_q, ref_grad):
+    """(d kl / d u, d kl / d w or None): the formulas of kernels/hrm_loss.py; d kl / d w only if ref_grad."""
+    kl_p, kl_q = kl_p[:, None], kl_q[:, None]
+    if opts.kl == "forward":
+        return q - p, (_xlog_ratio(p, lp, lq) - p * kl_p) if ref_grad else None
+    if opts.kl == "reverse":
+        return _xlog_ratio(q, lq, lp) - q * kl_q, (p - q) if ref_grad else None
+    lm = _log_mixture(lq, lp, opts.beta)
+    dku = (1 - opts.beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
+    return dku, opts.beta * (_xlog_ratio(p, lp, lm) - p * kl_p) if ref_grad else None
+
+
 def jsd_sums(s, t, labels, lse_uw, opts):
     """(N, 2) fp32 partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w."""
     acc = _acc(s)
@@ -137,19 +149,10 @@ def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False
         hit = (1 - opts.label_smoothing) * owned.to(acc)
         d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -hit[:, None])
         if opts.hrm != 0 or ref_grad:
-            lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_u, lse_w, opts)
-            # 2. divergence (kernels/hrm_loss.py gives the formulas)
-            if opts.kl == "forward":
-                dku = q - p
-                dkw = _xlog_ratio(p, lp, lq) - p * kl_p[:, None]
-            elif opts.kl == "reverse":
-                dku = _xlog_ratio(q, lq, lp) - q * kl_q[:, None]
-                dkw = p - q
-            else:
-                lm = _log_mixture(lq, lp, opts.beta)
-                dku = (1 - opts.beta) * (_xlog_ratio(q, lq, lm) - q * kl_q[:, None])
-                dkw = opts.beta * (_xlog_ratio(p, lp, lm) - p * kl_p[:, None])
-            d += c * dku
+            # 2. divergence
+            dku, dkw = _divergence_grads(opts, *_log_probs(sc, tc.to(acc), lse_u, lse_w, opts), kl_p, kl_q,
+                                         ref_grad)
+            d.add_(dku, alpha=c)
             if ref_grad:
                 dt[r0:r1] = torch.where(live[:, None], gl * c * dkw, 0.0)
         # 3. through the soft cap, scale by g; dead rows get zeros
