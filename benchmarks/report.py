@@ -278,6 +278,8 @@ def main(argv=None):
     ap.add_argument("--out", default="docs/performance.md")
     ap.add_argument("--images", default="docs/images")
     ap.add_argument("--note", help="a sentence about the run (e.g. which subset of the shapes was measured)")
+    ap.add_argument("--readme", help="also replace the Performance section of this README (between the "
+                    f"markers {README_BEGIN!r} and {README_END!r}) with the same report")
     args = ap.parse_args(argv)
     entries, machine, files = load(args.json)
     os.makedirs(args.images, exist_ok=True)
@@ -286,6 +288,28 @@ def main(argv=None):
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out} and plots in {args.images}")
+    if args.readme:
+        rel = os.path.relpath(args.images, os.path.dirname(os.path.abspath(args.readme)))
+        section = render(entries, machine, files, args.images, rel, args.note)
+        update_readme(args.readme, section)
+        print(f"replaced the Performance section of {args.readme}")
+
+
+README_BEGIN = "<!-- performance: written by python -m benchmarks.report --readme; do not edit -->"
+README_END = "<!-- /performance -->"
+
+
+def update_readme(path, section):
+    """Put `section` (its headings one level down) between the README's performance markers."""
+    with open(path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path}: no performance markers ({README_BEGIN} ... {README_END})")
+    section = "\n".join("#" + line if line.startswith("#") else line for line in section.splitlines())
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{README_BEGIN}\n{section}\n{README_END}{tail}")
 
 
 if __name__ == "__main__":

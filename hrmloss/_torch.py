@@ -9,7 +9,7 @@ import torch
 
 from ._core import N_PARTIAL
 
-CHUNK_ELEMS = 1 << 21  # elements of one (chunk, V) fp32 temporary: 8 MiB
+CHUNK_ELEMS = 1 << 20  # elements of one (chunk, V) fp32 temporary: 4 MiB
 
 
 def _acc(s):

@@ -25,6 +25,7 @@ def _entry(rank, world, fn, payload, tmp_dir, timeout):
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout))
         result = fn(rank, world, payload)
         torch.save(result, os.path.join(tmp_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another still talks (gloo aborts then)
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(tmp_dir, f"rank{rank}.err"), "w") as f:

@@ -298,7 +298,7 @@ def test_bad_arguments_raise_before_compute():
 
 def test_auto_chunk_rows_bounds_the_chunk():
     assert auto_chunk_rows(10, 32000, "cpu") == 10                     # at most N
-    assert auto_chunk_rows(10**6, 32000, "cpu") == 65                  # 8 MiB of fp32 logits
+    assert auto_chunk_rows(10**6, 32000, "cpu") == 262                 # 32 MiB of fp32 logits
     assert auto_chunk_rows(10**6, 10**9, "cpu") == 1                   # at least one row
     assert auto_chunk_rows(10**6, 128000, "cuda") == 524
 
@@ -337,7 +337,7 @@ def test_peak_memory_does_not_grow_as_tokens_x_vocab(form, reduction):
 
 def test_peak_memory_quarter_of_naive():
     # The setting: N = 4096, H = 1024, V = 32000, fp32, CPU, reference given as logits (an input).
-    # Naive: logits = hidden @ weight.T (N x V) then hrm_loss; fused: chunks of 8 MiB of logits.
+    # Naive: logits = hidden @ weight.T (N x V) then hrm_loss; fused: chunks of 32 MiB of logits.
     N, H, V = 4096, 1024, 32000
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(N, H, generator=g).requires_grad_()

@@ -118,6 +118,7 @@ def main(rank=None, world=None, rendezvous=None):
         print(f"world {dist.get_world_size()}: Megatron-style loss {out.loss.item():.6f} "
               f"(ce {out.ce.item():.6f}, kl {out.kl.item():.6f}); DTensor loss {dout.loss.item():.6f}; "
               "both equal the unsharded loss and gradients")
+    dist.barrier()  # every rank done with its collectives before any tears the group down
     dist.destroy_process_group()
 
 
