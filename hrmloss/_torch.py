@@ -10,6 +10,7 @@ import torch
 from ._core import N_PARTIAL
 
 CHUNK_ELEMS = 1 << 20  # elements of one (chunk, V) fp32 temporary: 4 MiB
+NEG_INF = float("-inf")
 
 
 def _acc(s):
@@ -26,9 +27,6 @@ def _chunks(s, t):
         for i in range(0, T_rows, step):
             j = min(i + step, T_rows)
             yield b * T_rows + i, b * T_rows + j, s[b, i:j], t[b, i:j]
-
-
-NEG_INF = float("-inf")
 
 
 def _zero_where(cond, value):
