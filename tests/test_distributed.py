@@ -302,12 +302,17 @@ def _case_names(kind):
     return [name for name, case in CASES.items() if wanted(case)]
 
 
-@pytest.mark.parametrize("name", _case_names("loss"))
-def test_vocab_parallel_matches_single_process(group_run, name):
+def _case(group_run, name):
+    """(world, the case's job, every rank's results), skipping a case this world size does not run."""
     world, jobs, results = group_run
     if name not in jobs:
         pytest.skip(f"{name} runs only for world sizes {CASES[name]['worlds']}")
-    job = jobs[name]
+    return world, jobs[name], results
+
+
+@pytest.mark.parametrize("name", _case_names("loss"))
+def test_vocab_parallel_matches_single_process(group_run, name):
+    world, job, results = _case(group_run, name)
     expected, grad, ref_grad = _single_process(job)
     tp = job["tp"]
     for r, res in enumerate(results):
@@ -334,10 +339,7 @@ _REFERENCE_CASES = [n for n in _case_names("loss")
 
 @pytest.mark.parametrize("name", _REFERENCE_CASES)
 def test_vocab_parallel_matches_float64_reference(group_run, name):
-    world, jobs, results = group_run
-    if name not in jobs:
-        pytest.skip(f"{name} runs only for world sizes {CASES[name]['worlds']}")
-    job = jobs[name]
+    world, job, results = _case(group_run, name)
     values, grad, ref_grad = _reference(job)
     tp = job["tp"]
     for r, res in enumerate(results):
@@ -362,12 +364,10 @@ def test_infinite_divergence_survives_an_underflowed_shard(group_run):
 
 @pytest.mark.parametrize("name", _case_names("loss"))
 def test_collectives_are_few_small_all_reduces_and_none_in_backward(group_run, name):
-    world, jobs, results = group_run
-    if name not in jobs:
-        pytest.skip(f"{name} runs only for world sizes {CASES[name]['worlds']}")
-    n = jobs[name]["labels"][0].numel()
+    world, job, results = _case(group_run, name)
+    n = job["labels"][0].numel()
     expected = [("all_reduce", 6), ("all_reduce", 3 * n), ("all_reduce", N_PARTIAL * n)]
-    if jobs[name]["opts"]["kl"] == "jsd":
+    if job["opts"]["kl"] == "jsd":
         expected.append(("all_reduce", 2 * n))
     for r, res in enumerate(results):
         assert res[name]["fwd"] == expected, f"rank {r}"
