@@ -19,6 +19,11 @@ N_PARTIAL = 7
 N_FINAL = 5
 
 
+def acc_dtype(x):
+    """The arithmetic and statistics dtype: fp32 for every supported dtype; float64 stays float64 (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def rows_3d(*xs):
     """View tensors of one shape (..., V) as (B, T, V) with unit stride on V, without a copy if possible.
 

@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ._core import N_PARTIAL, rows_3d
+from ._core import N_PARTIAL, acc_dtype, rows_3d
 from ._options import LossOptions
 
 
@@ -21,10 +21,6 @@ def _impl(opts):
         return _triton
     from . import _torch_compiled
     return _torch_compiled
-
-
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _no_autocast(x):
@@ -56,7 +52,7 @@ def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, opts: str, voc
 
 @row_stats.register_fake
 def _(logits, ref_logits, labels, opts, vocab_start, vocab_size):
-    return logits.new_empty((labels.numel(), N_PARTIAL), dtype=_acc_dtype(logits))
+    return logits.new_empty((labels.numel(), N_PARTIAL), dtype=acc_dtype(logits))
 
 
 @torch.library.custom_op("hrmloss::jsd_sums", mutates_args=())
@@ -69,7 +65,7 @@ def jsd_sums(logits: Tensor, ref_logits: Tensor, labels: Tensor, lse_uw: Tensor,
 
 @jsd_sums.register_fake
 def _(logits, ref_logits, labels, lse_uw, opts):
-    return logits.new_empty((labels.numel(), 2), dtype=_acc_dtype(logits))
+    return logits.new_empty((labels.numel(), 2), dtype=acc_dtype(logits))
 
 
 @torch.library.custom_op("hrmloss::grad", mutates_args=())
@@ -89,4 +85,3 @@ def _(logits, ref_logits, labels, final, g, opts, vocab_start, vocab_size, ref_g
     dt = torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if ref_grad \
         else ref_logits.new_empty(0)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), dt
-

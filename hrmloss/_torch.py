@@ -7,15 +7,10 @@ import math
 
 import torch
 
-from ._core import N_PARTIAL
+from ._core import N_PARTIAL, acc_dtype
 
 CHUNK_ELEMS = 1 << 20  # elements of one (chunk, V) fp32 temporary: 4 MiB
 NEG_INF = float("-inf")
-
-
-def _acc(s):
-    # fp32 arithmetic for every supported dtype; float64 inputs (gradcheck, tests) stay float64
-    return torch.float64 if s.dtype == torch.float64 else torch.float32
 
 
 def _chunks(s, t):
@@ -58,7 +53,7 @@ def _lse_and_mean(x, y):
 def row_stats(s, t, labels, opts, vocab_start=0):
     """(N, 7) fp32 partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w], sum_j s_j."""
     B, T_rows, V = s.shape
-    acc = _acc(s)
+    acc = acc_dtype(s)
     out = torch.empty((B * T_rows, N_PARTIAL), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
         sc, tc = _student(sc.to(acc), opts)[0], tc.to(acc)
@@ -111,7 +106,7 @@ def _divergence_grads(opts, lq, lp, q, p, kl_p, kl_q, ref_grad):
 
 def jsd_sums(s, t, labels, lse_uw, opts):
     """(N, 2) fp32 partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w."""
-    acc = _acc(s)
+    acc = acc_dtype(s)
     out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
         sc = _student(sc.to(acc), opts)[0]
@@ -128,7 +123,7 @@ def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False
     ds = torch.empty((B * T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
     c = opts.hrm * opts.inv_temp
-    acc = _acc(s)
+    acc = acc_dtype(s)
     for r0, r1, sc, tc in _chunks(s, t):
         lse_s, lse_u, lse_w, kl_p, kl_q = final[r0:r1].unbind(1)
         y = labels[r0:r1]

@@ -33,7 +33,7 @@ import warnings
 import torch
 
 from . import _torch
-from ._core import N_PARTIAL
+from ._core import N_PARTIAL, acc_dtype
 
 COMPILE_MIN_ELEMS = 1 << 22  # below this many logits (16 MiB fp32) the eager path is used
 COMPILED_CHUNK_ELEMS = 1 << 22  # logits per compiled call (a 16 MiB fp32 buffer inside the compiled graph)
@@ -106,7 +106,7 @@ def _try_chunks(fn, s, chunk_args):
 def row_stats(s, t, labels, opts, vocab_start=0):
     """(N, 7) fp32 partial statistics, as _torch.row_stats."""
     if _use_compiled(s):
-        out = torch.empty((s.shape[0] * s.shape[1], N_PARTIAL), device=s.device, dtype=_torch._acc(s))
+        out = torch.empty((s.shape[0] * s.shape[1], N_PARTIAL), device=s.device, dtype=acc_dtype(s))
         if _try_chunks(_stats_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1], opts,
                                                           vocab_start)):
             return out
@@ -116,7 +116,7 @@ def row_stats(s, t, labels, opts, vocab_start=0):
 def jsd_sums(s, t, labels, lse_uw, opts):
     """(N, 2) fp32 partial sums KL(p||m), KL(q||m), as _torch.jsd_sums."""
     if _use_compiled(s):
-        out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=_torch._acc(s))
+        out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=acc_dtype(s))
         if _try_chunks(_jsd_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1],
                                                         lse_uw[r0:r1], opts)):
             return out

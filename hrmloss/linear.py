@@ -33,7 +33,8 @@ from ._core import N_FINAL, rows_3d
 from ._function import forward_rows
 from ._options import LossOptions
 from ._ops import check_labels
-from .loss import FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_num_items, reduce_rows, resolve_backend
+from .loss import (FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_num_items, check_return_components,
+                   mean_denominator, reduce_rows, resolve_backend)
 
 # Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
 # Every chunk reads and writes the fp32 (V, H) grad_weight accumulator once and reads the (V, H) weight
@@ -153,8 +154,7 @@ def _row_weight(live, reduction, num_items):
     (0-dim, on the device)."""
     if reduction == "sum":
         return torch.ones((), device=live.device)
-    denom = live.sum().clamp(min=1) if num_items is None else torch.as_tensor(num_items, device=live.device)
-    return 1.0 / denom.float()
+    return 1.0 / torch.as_tensor(mean_denominator(live, num_items), device=live.device).float()
 
 
 class _Plan(NamedTuple):
@@ -234,8 +234,7 @@ def _loss_options(given):
 
 
 def _check_call_options(return_components, chunk_size):
-    if not isinstance(return_components, bool):
-        raise TypeError(f"return_components={return_components!r}: expected a bool")
+    check_return_components(return_components)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)):
         raise TypeError(f"chunk_size={chunk_size!r}: expected None or an int")
     if chunk_size is not None and chunk_size < 1:

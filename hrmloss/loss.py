@@ -70,6 +70,11 @@ def check_tensors(logits, ref_logits, labels):
             raise ValueError(f"{name}.device={x.device}: expected the device of logits, {logits.device}")
 
 
+def check_return_components(return_components):
+    if not isinstance(return_components, bool):
+        raise TypeError(f"return_components={return_components!r}: expected a bool")
+
+
 def check_num_items(num_items, reduction):
     """None, an int >= 1, or a 0-dim tensor (kept where it is: no host sync); "mean" only."""
     if num_items is None:
@@ -87,13 +92,17 @@ def check_num_items(num_items, reduction):
         raise ValueError(f"num_items={num_items!r}: expected num_items >= 1")
 
 
+def mean_denominator(live, num_items=None):
+    """The divisor of reduction "mean": max(count of counted rows, 1), or num_items; on the device."""
+    return live.sum().clamp(min=1) if num_items is None else num_items
+
+
 def reduce_rows(rows, live, reduction, num_items=None):
-    """Reduce per-row values (N,) over counted rows; "mean" divides by max(count, 1), or by num_items,
-    on the device."""
+    """Reduce per-row values (N,) over counted rows: "sum", "mean" (by `mean_denominator`), or "none"."""
     if reduction == "sum":
         return rows.sum()
     if reduction == "mean":
-        return rows.sum() / (live.sum().clamp(min=1) if num_items is None else num_items)
+        return rows.sum() / mean_denominator(live, num_items)
     return rows
 
 
@@ -147,8 +156,7 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
     opts = LossOptions(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index,
                        reduction=reduction, backend=backend, label_smoothing=label_smoothing,
                        z_loss=z_loss, softcap=softcap)
-    if not isinstance(return_components, bool):
-        raise TypeError(f"return_components={return_components!r}: expected a bool")
+    check_return_components(return_components)
     check_num_items(num_items, opts.reduction)
     check_tensors(logits, ref_logits, labels)
     name = resolve_backend(opts.backend, logits.device)
@@ -179,8 +187,7 @@ class HRMLoss(torch.nn.Module):
                        reduction=reduction, backend=backend, label_smoothing=label_smoothing,
                        z_loss=z_loss, softcap=softcap)
         LossOptions(**options)  # fail at construction, not at the first call
-        if not isinstance(return_components, bool):
-            raise TypeError(f"return_components={return_components!r}: expected a bool")
+        check_return_components(return_components)
         self.kwargs = dict(options, return_components=return_components)
         if process_group is not None:
             from .distributed import check_group
