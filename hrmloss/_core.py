@@ -1,22 +1,19 @@
 """Pieces both backends share: the row layout and the step from partial row statistics to ce and kl.
 
-Partial statistics, one row of 7 fp32 per token (DESIGN.md §1, notation of kernels/hrm_loss.py):
+`finalize` turns the partial statistics of the whole vocabulary (V classes, `_layout.PARTIAL`) into per-row
+ce, kl, z, the loss and the final statistics the gradient pass reads (`_layout.FINAL`):
 
-    lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w], sum_s = sum_j s_j
-
-They are what one pass over (a shard of) the vocabulary yields; `finalize` turns the statistics of the
-whole vocabulary (V classes) into per-row ce, kl, z and the 5 final statistics the gradient pass reads:
-
-    lse_s, lse_u, lse_w, kl_p, kl_q
     kl_p = KL(p||q) = ep - lse_w + lse_u,  kl_q = KL(q||p) = eq - lse_u + lse_w   (forward / reverse)
     kl_p = KL(p||m), kl_q = KL(q||m)  from the second (JSD) pass                   (jsd)
     ce = (1 - eps) (lse_s - s[y]) + eps (lse_s - sum_s / V),  z = z_loss lse_s^2
     loss = ce + hrm kl + z
+
+(docs/design.md §1-2). Every value option is a 0-dim tensor of the params (`_layout.PARAMS`): a term
+whose weight is 0 contributes 0 even where its factor is infinite (hrm = 0 with an infinite kl).
 """
 import torch
 
-N_PARTIAL = 7
-N_FINAL = 5
+from ._layout import FINAL, JSD, PARAMS, PARTIAL
 
 
 def acc_dtype(x):
@@ -42,29 +39,33 @@ def rows_3d(*xs):
     return [x.reshape(-1, T, V) if x.dim() > 3 else x for x in xs]
 
 
-def finalize(partial, jsd_sums, labels, opts, vocab_size):
-    """(N, 7) partial statistics of the whole vocabulary -> per-row loss, ce, kl, z and (N, 5) final stats.
+def weigh(weight, x):
+    """weight * x, and 0 where weight == 0 even if x is infinite (0 * inf would be NaN)."""
+    return torch.where(weight == 0, torch.zeros((), dtype=x.dtype, device=x.device), weight * x)
 
-    jsd_sums: (N, 2) [KL(p||m), KL(q||m)] for kl="jsd", else None. Ignored rows get zeros everywhere.
+
+def finalize(partial, jsd_sums, labels, params, st, vocab_size):
+    """(N, PARTIAL) statistics of the whole vocabulary -> per-row loss, ce, kl, z and (N, FINAL) stats.
+
+    jsd_sums: (N, JSD) [KL(p||m), KL(q||m)] for kl="jsd", else None. Ignored rows get zeros everywhere.
     """
-    lse_s, s_y, lse_u, lse_w, ep, eq, sum_s = partial.unbind(1)
-    if opts.kl == "jsd":
-        kl_p, kl_q = jsd_sums.unbind(1)
-        kl = opts.beta * kl_p + (1.0 - opts.beta) * kl_q
+    p = PARTIAL.unbind(partial)
+    hrm, beta, eps, z_loss = (params[getattr(PARAMS, k)] for k in ("hrm", "beta", "label_smoothing", "z_loss"))
+    if st.kind == 2:
+        kl_p, kl_q = JSD.unbind(jsd_sums).values()
+        kl = beta * kl_p + (1.0 - beta) * kl_q
     else:
-        kl_p = ep - lse_w + lse_u
-        kl_q = eq - lse_u + lse_w
-        kl = kl_p if opts.kl == "forward" else kl_q
-    live = labels != opts.ignore_index
+        kl_p = p["ep"] - p["lse_w"] + p["lse_u"]
+        kl_q = p["eq"] - p["lse_u"] + p["lse_w"]
+        kl = kl_p if st.kind == 0 else kl_q
+    live = labels != st.ignore_index
     zero = partial.new_zeros(())
-    eps = opts.label_smoothing
-    ce = lse_s - s_y if eps == 0 else (1 - eps) * (lse_s - s_y) + eps * (lse_s - sum_s / vocab_size)
+    nll = p["lse_s"] - p["s_y"]
+    ce = nll + weigh(eps, (p["lse_s"] - p["sum_s"] / vocab_size) - nll)  # (1 - eps) nll + eps smooth
     ce = torch.where(live, ce, zero)
     kl = torch.where(live, kl, zero)
-    z = torch.where(live, opts.z_loss * lse_s * lse_s, zero)
-    # hrm = 0 ignores even an infinite kl; the loss is a tensor of its own (ce, kl, z are not differentiable)
-    loss = ce + opts.hrm * kl if opts.hrm else ce.clone()
-    if opts.z_loss:
-        loss = loss + z
-    final = torch.where(live[:, None], torch.stack((lse_s, lse_u, lse_w, kl_p, kl_q), 1), zero)
+    z = torch.where(live, weigh(z_loss, p["lse_s"] * p["lse_s"]), zero)
+    loss = ce + weigh(hrm, kl) + z
+    columns = {"lse_s": p["lse_s"], "lse_u": p["lse_u"], "lse_w": p["lse_w"], "kl_p": kl_p, "kl_q": kl_q}
+    final = torch.where(live[:, None], torch.stack([columns[name] for name in FINAL], 1), zero)
     return loss, ce, kl, z, final

@@ -3,6 +3,7 @@ import torch
 
 from . import _ops
 from ._core import finalize
+from ._layout import PARTIAL
 
 
 def vocab_range(logits, shard):
@@ -10,25 +11,36 @@ def vocab_range(logits, shard):
     return (0, logits.shape[-1]) if shard is None else (shard.vocab_start, shard.vocab_size)
 
 
-def forward_rows(logits, ref_logits, labels, opts, shard=None):
-    """Per-row loss, ce, kl, z and the (N, 5) final statistics, from the backend's passes.
+def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None):
+    """Per-row loss, ce, kl, z and the (N, FINAL) final statistics, from the backend's passes.
 
     shard: None, or a `distributed.VocabShard` when logits hold one vocabulary shard: its merges turn
     this shard's statistics into those of the whole vocabulary (hrmloss/distributed.py).
     """
-    key = opts.key()
     start, V = vocab_range(logits, shard)
-    partial = _ops.row_stats(logits, ref_logits, labels, key, start, V)
+    structure = [int(x) for x in st]
+    partial = _ops.row_stats(logits, ref_logits, labels, params, structure, backend, start, V)
     if shard is not None:
         partial = shard.merge_stats(partial)
-    jsd = _ops.jsd_sums(logits, ref_logits, labels, partial[:, 2:4], key) if opts.kl == "jsd" else None
-    if jsd is not None and shard is not None:
-        jsd = shard.merge_sums(jsd)
-    return finalize(partial, jsd, labels, opts, V)
+    jsd = None
+    if st.kind == 2:  # JSD: a second pass, with the normalisers of the whole vocabulary
+        lse_uw = partial[:, [PARTIAL.lse_u, PARTIAL.lse_w]]
+        jsd = _ops.jsd_sums(logits, ref_logits, labels, lse_uw, params, structure, backend)
+        if shard is not None:
+            jsd = shard.merge_sums(jsd)
+    return finalize(partial, jsd, labels, params, st, V)
+
+
+def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_range_, ref_grad):
+    """(d loss / d logits, d loss / d ref_logits or None), rows weighted by g (N,)."""
+    ds, dt = _ops.grad(logits, ref_logits, labels, final, g.to(final.dtype).contiguous(), params,
+                       [int(x) for x in st], backend, *vocab_range_, ref_grad)
+    return ds, dt if ref_grad else None
 
 
 class HRMLossFunction(torch.autograd.Function):
-    """(logits (..., V), ref_logits (..., V), labels (N,) flat, LossOptions) -> per-row loss, ce, kl, z (N,).
+    """(logits (..., V), ref_logits (..., V), labels (N,) flat, params, Structure, backend, shard) ->
+    per-row loss, ce, kl, z (N,).
 
     ce, kl and z are not differentiable. The gradient goes to logits, and to ref_logits when it
     requires grad (computed in the same backward pass; no extra traffic otherwise). With a `shard`
@@ -36,17 +48,16 @@ class HRMLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, opts, shard=None):
-        loss, ce, kl, z, final = forward_rows(logits, ref_logits, labels, opts, shard)
-        ctx.save_for_backward(logits, ref_logits, labels, final)
-        ctx.opts, ctx.vocab_range = opts, vocab_range(logits, shard)
+    def forward(ctx, logits, ref_logits, labels, params, st, backend, shard=None):
+        loss, ce, kl, z, final = forward_rows(logits, ref_logits, labels, params, st, backend, shard)
+        ctx.save_for_backward(logits, ref_logits, labels, final, params)
+        ctx.st, ctx.backend, ctx.vocab_range = st, backend, vocab_range(logits, shard)
         ctx.mark_non_differentiable(ce, kl, z)
         return loss, ce, kl, z
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        logits, ref_logits, labels, final = ctx.saved_tensors
-        ref_grad = ctx.needs_input_grad[1]
-        g = grad_loss.to(final.dtype).contiguous()
-        ds, dt = _ops.grad(logits, ref_logits, labels, final, g, ctx.opts.key(), *ctx.vocab_range, ref_grad)
-        return ds, dt if ref_grad else None, None, None, None
+        logits, ref_logits, labels, final, params = ctx.saved_tensors
+        ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, ctx.st, ctx.backend,
+                           ctx.vocab_range, ctx.needs_input_grad[1])
+        return ds, dt, None, None, None, None, None

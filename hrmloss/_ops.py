@@ -1,26 +1,20 @@
 """The backend passes as torch.library custom ops, so that torch.compile(fullgraph=True) traces the loss.
 
-Each op takes the logits as the user gave them (any (..., V) layout; `rows_3d` views them inside) and
-the options as `LossOptions.key()`, a string (a constant to dynamo), whose `backend` is resolved.
-The label check runs inside `row_stats`, before any launch, so eager and compiled calls raise alike.
+Each op takes the logits as the user gave them (any (..., V) layout; `rows_3d` views them inside), the
+runtime scalars as the `params` tensor (`_layout.PARAMS`), the `Structure` as a list of ints and the
+resolved backend's name: typed arguments, so a new value of an option is new data, not a new graph.
+The checks that read data (labels, tensor-valued options) run inside `row_stats`, before any launch, so
+eager and compiled calls raise alike.
 """
 import contextlib
 
 import torch
 from torch import Tensor
 
-from ._core import N_PARTIAL, acc_dtype, rows_3d
-from ._options import LossOptions
-
-
-def _impl(opts):
-    """The launcher module of the resolved backend: _triton, or the torch passes (compiled per chunk on
-    large CPU inputs when that pays off, see _torch_compiled.py)."""
-    if opts.backend == "triton":
-        from . import _triton
-        return _triton
-    from . import _torch_compiled
-    return _torch_compiled
+from . import _backends
+from ._core import acc_dtype, rows_3d
+from ._layout import JSD, PARTIAL
+from ._options import Structure, check_params
 
 
 def _no_autocast(x):
@@ -41,47 +35,50 @@ def check_labels(labels, lo, hi, ignore_index, name="labels"):
 
 
 @torch.library.custom_op("hrmloss::row_stats", mutates_args=())
-def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, opts: str, vocab_start: int,
-              vocab_size: int) -> Tensor:
-    """(N, 7) partial row statistics of this vocabulary shard (see _core)."""
-    o = LossOptions.from_key(opts)
-    check_labels(labels, 0, vocab_size, o.ignore_index)
+def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, params: Tensor, structure: list[int],
+              backend: str, vocab_start: int, vocab_size: int) -> Tensor:
+    """(N, PARTIAL) partial row statistics of this vocabulary shard (see _layout)."""
+    st = Structure._make(structure)
+    check_labels(labels, 0, vocab_size, st.ignore_index)
+    check_params(params, st)
     with _no_autocast(logits):
-        return _impl(o).row_stats(*rows_3d(logits, ref_logits), labels, o, vocab_start)
+        return _backends.get(backend).row_stats(*rows_3d(logits, ref_logits), labels, params, st, vocab_start)
 
 
 @row_stats.register_fake
-def _(logits, ref_logits, labels, opts, vocab_start, vocab_size):
-    return logits.new_empty((labels.numel(), N_PARTIAL), dtype=acc_dtype(logits))
+def _(logits, ref_logits, labels, params, structure, backend, vocab_start, vocab_size):
+    return logits.new_empty((labels.numel(), len(PARTIAL)), dtype=acc_dtype(logits))
 
 
 @torch.library.custom_op("hrmloss::jsd_sums", mutates_args=())
-def jsd_sums(logits: Tensor, ref_logits: Tensor, labels: Tensor, lse_uw: Tensor, opts: str) -> Tensor:
-    """(N, 2) partial sums KL(p||m), KL(q||m) of this shard, given the final lse_u, lse_w."""
-    o = LossOptions.from_key(opts)
+def jsd_sums(logits: Tensor, ref_logits: Tensor, labels: Tensor, lse_uw: Tensor, params: Tensor,
+             structure: list[int], backend: str) -> Tensor:
+    """(N, JSD) partial sums KL(p||m), KL(q||m) of this shard, given the final lse_u, lse_w."""
+    st = Structure._make(structure)
     with _no_autocast(logits):
-        return _impl(o).jsd_sums(*rows_3d(logits, ref_logits), labels, lse_uw, o)
+        return _backends.get(backend).jsd_sums(*rows_3d(logits, ref_logits), labels, lse_uw, params, st)
 
 
 @jsd_sums.register_fake
-def _(logits, ref_logits, labels, lse_uw, opts):
-    return logits.new_empty((labels.numel(), 2), dtype=acc_dtype(logits))
+def _(logits, ref_logits, labels, lse_uw, params, structure, backend):
+    return logits.new_empty((labels.numel(), len(JSD)), dtype=acc_dtype(logits))
 
 
 @torch.library.custom_op("hrmloss::grad", mutates_args=())
-def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: Tensor, opts: str,
-         vocab_start: int, vocab_size: int, ref_grad: bool) -> tuple[Tensor, Tensor]:
+def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: Tensor, params: Tensor,
+         structure: list[int], backend: str, vocab_start: int, vocab_size: int,
+         ref_grad: bool) -> tuple[Tensor, Tensor]:
     """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad."""
-    o = LossOptions.from_key(opts)
+    st = Structure._make(structure)
     with _no_autocast(logits):
-        ds, dt = _impl(o).grad(*rows_3d(logits, ref_logits), labels, final, g, o, vocab_size,
-                               vocab_start=vocab_start, ref_grad=ref_grad)
+        ds, dt = _backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,
+                                             vocab_start, vocab_size, ref_grad)
     dt = dt.view(ref_logits.shape) if ref_grad else ref_logits.new_empty(0)
     return ds.view(logits.shape), dt
 
 
 @grad.register_fake
-def _(logits, ref_logits, labels, final, g, opts, vocab_start, vocab_size, ref_grad):
+def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_start, vocab_size, ref_grad):
     dt = torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if ref_grad \
         else ref_logits.new_empty(0)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), dt

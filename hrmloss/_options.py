@@ -1,23 +1,70 @@
-"""The options of one loss call, validated once and carried as one frozen dataclass."""
-import ast
+"""The options of one loss call: values (runtime scalars) and structure (what the kernels compile for).
+
+A *value* option (`hrm`, `temperature`, `beta`, `label_smoothing`, `z_loss`, `softcap`) is a Python number,
+a 0-dim float tensor (on the CPU or on the logits' device) or, under `torch.compile`, a symbolic float.
+Values reach the passes as one small tensor, `LossOptions.params` (layout `_layout.PARAMS`), so a new value
+never recompiles a kernel or a compiled graph. A *structure* option (`kl`, `ignore_index`, ...) and what is
+derived from the values' kinds (`Structure`) select code: the kernels' constexprs, the torch path's
+branches.
+
+Validation (docs/design.md §4):
+- a Python number is checked here, before anything runs (ValueError / TypeError naming it);
+- a tensor or symbolic value is checked for its kind here and for its range on the device by
+  `check_params`, inside the first pass, without a host sync: a ValueError on the CPU, a device-side
+  assert (`torch._assert_async`) on CUDA.
+"""
 import dataclasses
-import functools
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ._layout import PARAMS
 
 KL_KINDS = ("forward", "reverse", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 
+Value = Union[float, torch.Tensor]
 
-def _real(name, value):
+
+class Range(NamedTuple):
+    """lo < x < hi (lo <= x with lo_closed): with a finite lo, also x finite (NaN fails every comparison)."""
+
+    lo: float
+    hi: float
+    lo_closed: bool
+    text: str  # what is expected, for the error message
+
+    def holds(self, x):
+        """Python bool for a number, bool tensor for a tensor (x == x is False for NaN)."""
+        above = (x >= self.lo) if self.lo_closed else (x > self.lo)
+        return (x == x) & above & (x < self.hi)
+
+
+def _value(default, lo, hi=math.inf, lo_closed=True, text=""):
+    return field(default=default, metadata={"range": Range(lo, hi, lo_closed, text)})
+
+
+def is_dynamic(value):
+    """True for a value known only at run time: a tensor, or a float that torch.compile made symbolic."""
+    return isinstance(value, (torch.Tensor, torch.SymFloat))
+
+
+def _check_value(name, value, rng):
+    if is_dynamic(value):
+        if isinstance(value, torch.Tensor) and (value.dim() != 0 or not value.dtype.is_floating_point):
+            raise TypeError(f"{name}: expected a number or a 0-dim float tensor, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}={value!r}: expected a real number, got {type(value).__name__}")
+        raise TypeError(f"{name}={value!r}: expected a real number or a 0-dim float tensor, "
+                        f"got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: expected a finite number")
+    if not rng.holds(value):
+        raise ValueError(f"{name}={value!r}: expected {rng.text}")
     return value
 
 
@@ -27,70 +74,92 @@ def _choice(name, value, allowed):
     return value
 
 
+class Structure(NamedTuple):
+    """What the passes compile for (kernel constexprs, torch-path branches): never a value.
+
+    Crosses the custom ops as a list of ints (`list(st)`), so a new field needs no change to them.
+    """
+
+    kind: int          # 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD
+    scaled: bool       # the T != 1 path: temperature is not the Python number 1 (a tensor always takes it)
+    capped: bool       # a soft cap is given
+    hrm_zero: bool     # hrm is the Python number 0: the backward need not read the reference
+    ignore_index: int
+    check: int         # bit i set: PARAMS[i] is a run-time value whose range check_params checks
+
+
 @dataclass(frozen=True)
 class LossOptions:
-    """Everything but the tensors. `kind` is the KIND constexpr of the kernels (0 fwd, 1 rev, 2 jsd)."""
+    """Everything of a call but the tensors. Adding an option: a field here (docs/design.md §5)."""
 
-    hrm: float = 1.0
+    hrm: Value = _value(1.0, 0.0, text="a finite number >= 0")
     kl: str = "forward"
-    beta: float = 0.5
-    temperature: float = 1.0
+    beta: Value = _value(0.5, 0.0, 1.0, lo_closed=False, text="0 < beta < 1")
+    temperature: Value = _value(1.0, 0.0, lo_closed=False, text="a finite temperature > 0")
     ignore_index: int = -100
     reduction: str = "mean"
     backend: str = "auto"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: Optional[float] = None
+    label_smoothing: Value = _value(0.0, 0.0, 1.0, text="0 <= label_smoothing < 1")
+    z_loss: Value = _value(0.0, 0.0, text="a finite z_loss >= 0")
+    softcap: Optional[Value] = _value(None, 0.0, lo_closed=False, text="None or a finite softcap > 0")
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("hrm", _real("hrm", self.hrm))
-        if self.hrm < 0:
-            raise ValueError(f"hrm={self.hrm!r}: expected hrm >= 0")
+        for f in dataclasses.fields(self):
+            rng = f.metadata.get("range")
+            value = getattr(self, f.name)
+            if rng is not None and not (f.name == "softcap" and value is None):
+                object.__setattr__(self, f.name, _check_value(f.name, value, rng))
         _choice("kl", self.kl, KL_KINDS)
-        set_("beta", _real("beta", self.beta))
-        if not 0.0 < self.beta < 1.0:
-            raise ValueError(f"beta={self.beta!r}: expected 0 < beta < 1")
-        set_("temperature", _real("temperature", self.temperature))
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature!r}: expected temperature > 0")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index={self.ignore_index!r}: expected an int")
-        set_("ignore_index", int(self.ignore_index))
+        object.__setattr__(self, "ignore_index", int(self.ignore_index))
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("backend", self.backend, BACKENDS)
-        set_("label_smoothing", _real("label_smoothing", self.label_smoothing))
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r}: expected 0 <= label_smoothing < 1")
-        set_("z_loss", _real("z_loss", self.z_loss))
-        if self.z_loss < 0:
-            raise ValueError(f"z_loss={self.z_loss!r}: expected z_loss >= 0")
-        if self.softcap is not None:
-            set_("softcap", _real("softcap", self.softcap))
-            if self.softcap <= 0:
-                raise ValueError(f"softcap={self.softcap!r}: expected None or softcap > 0")
 
-    def key(self):
-        """The options as one string: how they cross the torch.library op boundary (a constant to dynamo)."""
-        return repr(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+    def values(self):
+        """name -> value for every runtime scalar of PARAMS (the placeholder 1.0 for a softcap of None)."""
+        return {name: 1.0 if name == "softcap" and self.softcap is None else getattr(self, name)
+                for name in PARAMS}
 
-    @staticmethod
-    @functools.lru_cache(maxsize=256)
-    def from_key(key):
-        return LossOptions(*ast.literal_eval(key))
+    def structure(self):
+        values = self.values()
+        return Structure(
+            kind=KL_KINDS.index(self.kl),
+            scaled=is_dynamic(self.temperature) or self.temperature != 1.0,
+            capped=self.softcap is not None,
+            hrm_zero=not is_dynamic(self.hrm) and self.hrm == 0,
+            ignore_index=self.ignore_index,
+            check=sum(1 << i for i, name in enumerate(PARAMS) if is_dynamic(values[name])))
 
-    @property
-    def kind(self):
-        return KL_KINDS.index(self.kl)
+    def params(self, device, dtype):
+        """The runtime scalars as one (len(PARAMS),) tensor of `dtype` on `device`.
 
-    @property
-    def inv_temp(self):
-        return 1.0 / self.temperature
+        Built by device-side arithmetic (zeros + value), never by a host-to-device copy, so it neither
+        syncs nor breaks CUDA-graph capture; a CPU 0-dim tensor enters a CUDA op as a host scalar.
+        """
+        zero = torch.zeros((), device=device, dtype=dtype)
+        return torch.stack([(zero + (v.detach() if isinstance(v, torch.Tensor) else v)).to(dtype)
+                            for v in self.values().values()])
 
-    @property
-    def scaled(self):
-        return self.temperature != 1.0
 
-    @property
-    def capped(self):
-        return self.softcap is not None
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
+
+
+def check_params(params, st):
+    """Range-check the run-time values (bits of st.check) of a params tensor, without a host sync on CUDA.
+
+    CPU: ValueError naming the first bad option and its value. CUDA: one `torch._assert_async`.
+    """
+    if not st.check:
+        return
+    ranges = {f.name: f.metadata["range"] for f in dataclasses.fields(LossOptions) if "range" in f.metadata}
+    names = [name for i, name in enumerate(PARAMS) if st.check >> i & 1]
+    oks = [ranges[name].holds(params[PARAMS.index(name)]) for name in names]
+    if params.device.type == "cpu":
+        for name, ok in zip(names, oks):
+            if not bool(ok):
+                raise ValueError(f"{name}={params[PARAMS.index(name)].item()!r} (a tensor): "
+                                 f"expected {ranges[name].text}")
+    else:
+        expected = "; ".join(f"{name}: {ranges[name].text}" for name in names)
+        torch._assert_async(torch.stack(oks).all(), f"hrmloss: a tensor option is out of range ({expected})")

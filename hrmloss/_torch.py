@@ -1,13 +1,14 @@
-"""The plain-PyTorch backend: the same three passes as kernels/hrm_loss.py, chunked over rows.
+"""The plain-PyTorch passes: the same three passes as kernels/hrm_loss.py, chunked over rows.
 
 Its extra memory is a few (chunk, V) fp32 buffers, never N x V beyond the gradient it returns.
-Same signatures as the Triton launchers in _triton.py; the math is written out there and in the kernels.
+The signatures of `_backends.Backend`; the math is written out in the kernels and docs/design.md.
+Runtime scalars are read from `params` as 0-dim tensors (`_layout.PARAMS`), so that a compiled chunk
+(_torch_compiled.py) treats them as inputs, never as constants.
 """
-import math
-
 import torch
 
-from ._core import N_PARTIAL, acc_dtype
+from ._core import acc_dtype, weigh
+from ._layout import FINAL, JSD, PARAMS, PARTIAL
 
 CHUNK_ELEMS = 1 << 20  # elements of one (chunk, V) fp32 temporary: 4 MiB
 NEG_INF = float("-inf")
@@ -29,12 +30,22 @@ def _zero_where(cond, value):
     return torch.where(cond, torch.zeros((), dtype=value.dtype, device=value.device), value)
 
 
-def _student(sc, opts):
+def _param(params, name):
+    return params[getattr(PARAMS, name)]
+
+
+def _student(sc, params, st):
     """Student chunk in the accumulation dtype, soft-capped when asked, and d s / d s_raw (or None)."""
-    if not opts.capped:
+    if not st.capped:
         return sc, None
-    th = torch.tanh(sc / opts.softcap)
-    return opts.softcap * th, 1 - th * th
+    cap = _param(params, "softcap")
+    th = torch.tanh(sc / cap)
+    return cap * th, 1 - th * th
+
+
+def _scaled(x, params, st):
+    """x / T (x itself on the T = 1 path)."""
+    return x / _param(params, "temperature") if st.scaled else x
 
 
 def _lse_and_mean(x, y):
@@ -50,35 +61,29 @@ def _lse_and_mean(x, y):
     return m[:, 0] + torch.log(d), torch.where(d == 0, 0.0, a / d)
 
 
-def row_stats(s, t, labels, opts, vocab_start=0):
-    """(N, 7) fp32 partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w], sum_j s_j."""
+def row_stats(s, t, labels, params, st, vocab_start=0):
+    """(N, PARTIAL) partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w], sum_j s_j."""
     B, T_rows, V = s.shape
     acc = acc_dtype(s)
-    out = torch.empty((B * T_rows, N_PARTIAL), device=s.device, dtype=acc)
+    out = torch.empty((B * T_rows, len(PARTIAL)), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        sc, tc = _student(sc.to(acc), opts)[0], tc.to(acc)
-        u = sc * opts.inv_temp if opts.scaled else sc
-        w = tc * opts.inv_temp
+        sc = _student(sc.to(acc), params, st)[0]
+        u = _scaled(sc, params, st)
+        w = tc.to(acc) / _param(params, "temperature")
         lse_u, eq = _lse_and_mean(u, w)
         lse_w, ep = _lse_and_mean(w, u)
-        lse_s = torch.logsumexp(sc, -1) if opts.scaled else lse_u
         y = labels[r0:r1].long() - vocab_start
-        owned = (labels[r0:r1] != opts.ignore_index) & (y >= 0) & (y < V)
+        owned = (labels[r0:r1] != st.ignore_index) & (y >= 0) & (y < V)
         s_y = sc.gather(1, torch.where(owned, y, 0)[:, None])[:, 0]
-        out[r0:r1, 0] = lse_s
-        out[r0:r1, 1] = torch.where(owned, s_y, 0.0)
-        out[r0:r1, 2] = lse_u
-        out[r0:r1, 3] = lse_w
-        out[r0:r1, 4] = ep
-        out[r0:r1, 5] = eq
-        out[r0:r1, 6] = sc.sum(-1)
+        columns = {"lse_s": torch.logsumexp(sc, -1) if st.scaled else lse_u, "s_y": torch.where(owned, s_y, 0.0),
+                   "lse_u": lse_u, "lse_w": lse_w, "ep": ep, "eq": eq, "sum_s": sc.sum(-1)}
+        out[r0:r1] = torch.stack([columns[name] for name in PARTIAL], 1)
     return out
 
 
-def _log_probs(sc, tc, lse_u, lse_w, opts):
-    u = sc * opts.inv_temp if opts.scaled else sc
-    lq = u - lse_u[:, None]
-    lp = tc * opts.inv_temp - lse_w[:, None]
+def _log_probs(sc, tc, lse_u, lse_w, params, st):
+    lq = _scaled(sc, params, st) - lse_u[:, None]
+    lp = tc / _param(params, "temperature") - lse_w[:, None]
     return lq, lp, lq.exp(), lp.exp()
 
 
@@ -89,65 +94,63 @@ def _xlog_ratio(x, la, lb):
 
 def _log_mixture(lq, lp, beta):
     # log(beta p + (1 - beta) q)
-    return torch.logaddexp(lp + math.log(beta), lq + math.log(1.0 - beta))
+    return torch.logaddexp(lp + torch.log(beta), lq + torch.log1p(-beta))
 
 
-def _divergence_grads(opts, lq, lp, q, p, kl_p, kl_q, ref_grad):
+def _divergence_grads(st, beta, lq, lp, q, p, kl_p, kl_q, ref_grad):
     """(d kl / d u, d kl / d w or None): the formulas of kernels/hrm_loss.py; d kl / d w only if ref_grad."""
     kl_p, kl_q = kl_p[:, None], kl_q[:, None]
-    if opts.kl == "forward":
+    if st.kind == 0:
         return q - p, (_xlog_ratio(p, lp, lq) - p * kl_p) if ref_grad else None
-    if opts.kl == "reverse":
+    if st.kind == 1:
         return _xlog_ratio(q, lq, lp) - q * kl_q, (p - q) if ref_grad else None
-    lm = _log_mixture(lq, lp, opts.beta)
-    dku = (1 - opts.beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
-    return dku, opts.beta * (_xlog_ratio(p, lp, lm) - p * kl_p) if ref_grad else None
+    lm = _log_mixture(lq, lp, beta)
+    dku = (1 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
+    return dku, beta * (_xlog_ratio(p, lp, lm) - p * kl_p) if ref_grad else None
 
 
-def jsd_sums(s, t, labels, lse_uw, opts):
-    """(N, 2) fp32 partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w."""
+def jsd_sums(s, t, labels, lse_uw, params, st):
+    """(N, JSD) partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w."""
     acc = acc_dtype(s)
-    out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=acc)
+    out = torch.empty((lse_uw.shape[0], len(JSD)), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        sc = _student(sc.to(acc), opts)[0]
-        lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_uw[r0:r1, 0], lse_uw[r0:r1, 1], opts)
-        lm = _log_mixture(lq, lp, opts.beta)
-        out[r0:r1, 0] = _xlog_ratio(p, lp, lm).sum(-1)
-        out[r0:r1, 1] = _xlog_ratio(q, lq, lm).sum(-1)
+        sc = _student(sc.to(acc), params, st)[0]
+        lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_uw[r0:r1, 0], lse_uw[r0:r1, 1], params, st)
+        lm = _log_mixture(lq, lp, _param(params, "beta"))
+        sums = {"kl_pm": _xlog_ratio(p, lp, lm).sum(-1), "kl_qm": _xlog_ratio(q, lq, lm).sum(-1)}
+        out[r0:r1] = torch.stack([sums[name] for name in JSD], 1)
     return out
 
 
-def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False):
+def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
     """d loss / d s (N, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32."""
     B, T_rows, V = s.shape
     ds = torch.empty((B * T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
-    c = opts.hrm * opts.inv_temp
+    hrm, eps, z_loss, beta = (_param(params, k) for k in ("hrm", "label_smoothing", "z_loss", "beta"))
+    c = hrm / _param(params, "temperature")
     acc = acc_dtype(s)
     for r0, r1, sc, tc in _chunks(s, t):
-        lse_s, lse_u, lse_w, kl_p, kl_q = final[r0:r1].unbind(1)
+        f = FINAL.unbind(final[r0:r1])
+        lse_s = f["lse_s"]
         y = labels[r0:r1]
-        live = (y != opts.ignore_index) & (g[r0:r1] != 0)
+        live = (y != st.ignore_index) & (g[r0:r1] != 0)
         gl = torch.where(live, g[r0:r1], 0.0)[:, None]
-        sc, dcap = _student(sc.to(acc), opts)
+        sc, dcap = _student(sc.to(acc), params, st)
         # 1. cross-entropy with label smoothing eps, and z-loss:
         #    q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V
-        d = torch.exp(sc - lse_s[:, None])
-        if opts.z_loss:
-            d *= 1 + 2 * opts.z_loss * lse_s[:, None]
-        if opts.label_smoothing:
-            d -= opts.label_smoothing / vocab_size
+        d = torch.exp(sc - lse_s[:, None]) * (1 + 2 * z_loss * lse_s[:, None]) - eps / vocab_size
         y_local = y.long() - vocab_start
         owned = live & (y_local >= 0) & (y_local < V)
-        hit = (1 - opts.label_smoothing) * owned.to(acc)
+        hit = (1 - eps) * owned.to(acc)
         d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -hit[:, None])
-        if opts.hrm != 0 or ref_grad:
-            # 2. divergence
-            dku, dkw = _divergence_grads(opts, *_log_probs(sc, tc.to(acc), lse_u, lse_w, opts), kl_p, kl_q,
-                                         ref_grad)
-            d.add_(dku, alpha=c)
+        if not st.hrm_zero or ref_grad:
+            # 2. divergence; hrm = 0 (c = 0) drops the term, which can be infinite, instead of scaling it
+            dku, dkw = _divergence_grads(st, beta, *_log_probs(sc, tc.to(acc), f["lse_u"], f["lse_w"], params, st),
+                                         f["kl_p"], f["kl_q"], ref_grad)
+            d += weigh(c, dku)
             if ref_grad:
-                dt[r0:r1] = torch.where(live[:, None], gl * c * dkw, 0.0)
+                dt[r0:r1] = torch.where(live[:, None], gl * weigh(c, dkw), 0.0)
         # 3. through the soft cap, scale by g; dead rows get zeros
         if dcap is not None:
             d *= dcap

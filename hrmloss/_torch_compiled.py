@@ -1,4 +1,5 @@
-"""The torch backend, with its per-chunk passes compiled by `torch.compile` where that works.
+"""The "torch" backend (`_backends.Backend`): the passes of _torch.py, compiled per chunk by `torch.compile`
+where that works.
 
 Same three functions and signatures as _torch.py, and the same math: each compiled function *is*
 _torch.row_stats / jsd_sums / grad, applied to one (1, rows, V) chunk, so Inductor fuses the dozen
@@ -23,9 +24,9 @@ the gradient. On an idle 2-core CPU at N = 2048, V = 32000, fp32, fwd + bwd: 2^2
 1.26 NVs and ~290 ms, 2^23 1.13 NVs and ~240 ms, 2^22 1.06 NVs and ~230 ms (torch.compile of the naive
 loss: 1.00 NVs, ~300 ms).
 
-The options are compile-time constants: every distinct (hrm, temperature, kl, ...) compiles once more
-(about 10 s on a small CPU). Past dynamo's recompile limit (8 variants a function) further variants run
-eagerly with a dynamo warning. A schedule that changes hrm at every step should set HRMLOSS_COMPILE=0.
+The values of the options (hrm, temperature, ...) are inputs of the compiled chunk (the `params` tensor):
+a new value runs the same compiled code. Only the structure (`_options.Structure`: kl kind, the T != 1
+path, soft cap on or off, ...), V and the dtypes compile once more each.
 """
 import os
 import warnings
@@ -33,7 +34,8 @@ import warnings
 import torch
 
 from . import _torch
-from ._core import N_PARTIAL, acc_dtype
+from ._core import acc_dtype
+from ._layout import JSD, PARTIAL
 
 COMPILE_MIN_ELEMS = 1 << 22  # below this many logits (16 MiB fp32) the eager path is used
 COMPILED_CHUNK_ELEMS = 1 << 22  # logits per compiled call (a 16 MiB fp32 buffer inside the compiled graph)
@@ -52,16 +54,16 @@ def _use_compiled(s):
             and not torch.compiler.is_compiling())
 
 
-def _stats_into(out, s, t, labels, opts, vocab_start):
-    out.copy_(_torch.row_stats(s, t, labels, opts, vocab_start))
+def _stats_into(out, s, t, labels, params, st, vocab_start):
+    out.copy_(_torch.row_stats(s, t, labels, params, st, vocab_start))
 
 
-def _jsd_into(out, s, t, labels, lse_uw, opts):
-    out.copy_(_torch.jsd_sums(s, t, labels, lse_uw, opts))
+def _jsd_into(out, s, t, labels, lse_uw, params, st):
+    out.copy_(_torch.jsd_sums(s, t, labels, lse_uw, params, st))
 
 
-def _grad_into(ds_out, dt_out, s, t, labels, final, g, opts, vocab_size, vocab_start):
-    ds, dt = _torch.grad(s, t, labels, final, g, opts, vocab_size, vocab_start, ref_grad=dt_out is not None)
+def _grad_into(ds_out, dt_out, s, t, labels, final, g, params, st, vocab_start, vocab_size):
+    ds, dt = _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=dt_out is not None)
     ds_out.copy_(ds)
     if dt_out is not None:
         dt_out.copy_(dt)
@@ -103,27 +105,27 @@ def _try_chunks(fn, s, chunk_args):
         return False
 
 
-def row_stats(s, t, labels, opts, vocab_start=0):
-    """(N, 7) fp32 partial statistics, as _torch.row_stats."""
+def row_stats(s, t, labels, params, st, vocab_start=0):
+    """(N, PARTIAL) partial statistics, as _torch.row_stats."""
     if _use_compiled(s):
-        out = torch.empty((s.shape[0] * s.shape[1], N_PARTIAL), device=s.device, dtype=acc_dtype(s))
-        if _try_chunks(_stats_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1], opts,
+        out = torch.empty((s.shape[0] * s.shape[1], len(PARTIAL)), device=s.device, dtype=acc_dtype(s))
+        if _try_chunks(_stats_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1], params, st,
                                                           vocab_start)):
             return out
-    return _torch.row_stats(s, t, labels, opts, vocab_start)
+    return _torch.row_stats(s, t, labels, params, st, vocab_start)
 
 
-def jsd_sums(s, t, labels, lse_uw, opts):
-    """(N, 2) fp32 partial sums KL(p||m), KL(q||m), as _torch.jsd_sums."""
+def jsd_sums(s, t, labels, lse_uw, params, st):
+    """(N, JSD) partial sums KL(p||m), KL(q||m), as _torch.jsd_sums."""
     if _use_compiled(s):
-        out = torch.empty((lse_uw.shape[0], 2), device=s.device, dtype=acc_dtype(s))
+        out = torch.empty((lse_uw.shape[0], len(JSD)), device=s.device, dtype=acc_dtype(s))
         if _try_chunks(_jsd_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1],
-                                                        lse_uw[r0:r1], opts)):
+                                                        lse_uw[r0:r1], params, st)):
             return out
-    return _torch.jsd_sums(s, t, labels, lse_uw, opts)
+    return _torch.jsd_sums(s, t, labels, lse_uw, params, st)
 
 
-def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False):
+def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
     """d loss / d s (N, V) and d loss / d t (or None), as _torch.grad."""
     if _use_compiled(s):
         B, T_rows, V = s.shape
@@ -131,6 +133,6 @@ def grad(s, t, labels, final, g, opts, vocab_size, vocab_start=0, ref_grad=False
         dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
         if _try_chunks(_grad_into, s, lambda r0, r1, k: (
                 ds[r0:r1], dt[r0:r1] if ref_grad else None, s[k], t[k], labels[r0:r1], final[r0:r1],
-                g[r0:r1], opts, vocab_size, vocab_start)):
+                g[r0:r1], params, st, vocab_start, vocab_size)):
             return ds, dt
-    return _torch.grad(s, t, labels, final, g, opts, vocab_size, vocab_start, ref_grad)
+    return _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad)

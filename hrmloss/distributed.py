@@ -26,11 +26,15 @@ gradient of its own shard.
 import torch
 import torch.distributed as dist
 
+from ._layout import PARTIAL, PARTIAL_MERGE
+
 INF = float("inf")
-# columns of the partial statistics of hrmloss._core: lse_s, lse_u, lse_w; ep = E_p[w - u] (weighted by
-# the share of lse_w), eq = E_q[u - w] (by that of lse_u); every other column is a plain sum
-_LSE_COLS = [0, 2, 3]
-_EP, _EQ = 4, 5
+# the partial columns by how they merge (_layout.PARTIAL_MERGE): log-sum-exp, plain sums, and expectations
+# (column, the lse column of the softmax they are taken under)
+_LSE = [PARTIAL.index(n) for n in PARTIAL if PARTIAL_MERGE[n] == "lse"]
+_SUM = [PARTIAL.index(n) for n in PARTIAL if PARTIAL_MERGE[n] == "sum"]
+_MEAN = [(PARTIAL.index(n), PARTIAL.index(PARTIAL_MERGE[n][1])) for n in PARTIAL
+         if isinstance(PARTIAL_MERGE[n], tuple)]
 
 
 def _labels_checksum(labels):
@@ -68,36 +72,31 @@ class VocabShard:
         return self.world * self.v_local
 
     def merge_stats(self, partial):
-        """(N, P) statistics of this shard -> (N, P) of the whole vocabulary (2 all_reduce).
+        """(N, PARTIAL) statistics of this shard -> (N, PARTIAL) of the whole vocabulary (2 all_reduce).
 
-        Columns as in hrmloss._core: lse_s, s[y], lse_u, lse_w, ep, eq, then plain sums over the
-        vocabulary (sum_j s_j). Rows whose every shard is empty (all -inf) get lse = -inf and
-        expectations 0, like one process.
+        Each column merges by its rule in _layout.PARTIAL_MERGE. Rows whose every shard is empty (all
+        -inf) get lse = -inf and expectations 0, like one process.
         """
-        lse = partial[:, _LSE_COLS]                          # (N, 3), a fresh contiguous tensor
+        lse = partial[:, _LSE]                               # (N, #lse), a fresh contiguous tensor
         top = lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         top = torch.where(top == -INF, torch.zeros((), dtype=top.dtype, device=top.device), top)
         share = torch.exp(lse - top)                         # this shard's sum-exp, rescaled to top
-        plain = [c for c in range(partial.shape[1]) if c not in _LSE_COLS + [_EP, _EQ]]
-        sums = torch.cat((
-            share,
-            partial[:, plain],                               # s[y] (only the owner's is non-zero), sum_s
-            _share_times(share[:, 2], lse[:, 2], partial[:, _EP])[:, None],   # weighted E_p,r[w - u]
-            _share_times(share[:, 1], lse[:, 1], partial[:, _EQ])[:, None],   # weighted E_q,r[u - w]
-        ), 1)
+        weighted = [_share_times(share[:, _LSE.index(c)], lse[:, _LSE.index(c)], partial[:, i])[:, None]
+                    for i, c in _MEAN]                       # the shard's expectation, weighted by its share
+        sums = torch.cat((share, partial[:, _SUM], *weighted), 1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
-        total = sums[:, :3]
+        total = sums[:, :len(_LSE)]
         safe = torch.where(total == 0, torch.ones((), dtype=total.dtype, device=total.device), total)
         out = torch.empty_like(partial)
-        out[:, _LSE_COLS] = top + torch.log(total)           # log 0 = -inf for an all-empty row
-        out[:, plain] = sums[:, 3:3 + len(plain)]
-        out[:, _EP] = sums[:, -2] / safe[:, 2]
-        out[:, _EQ] = sums[:, -1] / safe[:, 1]
+        out[:, _LSE] = top + torch.log(total)                # log 0 = -inf for an all-empty row
+        out[:, _SUM] = sums[:, len(_LSE):len(_LSE) + len(_SUM)]
+        for k, (i, c) in enumerate(_MEAN):
+            out[:, i] = sums[:, len(_LSE) + len(_SUM) + k] / safe[:, _LSE.index(c)]
         return out
 
     def merge_sums(self, x):
-        """(N, k) fp32 per-shard sums -> the sums over the whole vocabulary (1 all_reduce, in place)."""
+        """(N, k) per-shard sums -> the sums over the whole vocabulary (1 all_reduce, in place)."""
         x = x.contiguous()
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x

@@ -21,20 +21,18 @@ When is the gradient computed? The incoming gradient of the loss decides:
   keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
   the gradient pass with g = grad_output (the matmuls are done twice, the memory stays O(chunk x V)).
 """
-import dataclasses
 import inspect
 import numbers
 from typing import NamedTuple
 
 import torch
 
-from . import _ops
-from ._core import N_FINAL, rows_3d
-from ._function import forward_rows
-from ._options import LossOptions
-from ._ops import check_labels
-from .loss import (FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_num_items, check_return_components,
-                   mean_denominator, reduce_rows, resolve_backend)
+from . import _frontend
+from ._core import rows_3d
+from ._frontend import Call
+from ._function import forward_rows, grad_rows
+from ._layout import FINAL
+from ._options import OPTION_NAMES
 
 # Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
 # Every chunk reads and writes the fp32 (V, H) grad_weight accumulator once and reads the (V, H) weight
@@ -45,6 +43,7 @@ from .loss import (FLOAT_DTYPES, LABEL_DTYPES, HRMLossOutput, check_num_items, c
 CHUNK_BYTES = {"cuda": 256 << 20}
 CHUNK_BYTES_DEFAULT = 32 << 20
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
+
 
 
 def auto_chunk_rows(n_rows, vocab, device):
@@ -118,27 +117,27 @@ def _backprop(ops, grads, h, ds, r0, r1):
         grads.bias.add_(ds.sum(0, dtype=torch.float32))
 
 
-def _chunk_grad(s, t, y, final, g, opts):
+def _chunk_grad(s, t, y, final, g, call):
     """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass."""
-    return _ops.grad(s, t, y, final, g, opts.key(), 0, s.shape[-1], False)[0]
+    return grad_rows(s, t, y, final, g, call.params, call.st, call.backend, (0, s.shape[-1]), False)[0]
 
 
-def _forward_chunk(ops, opts, r0, r1, rows, g, grads):
+def _forward_chunk(ops, call, r0, r1, rows, g, grads):
     """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32 row
     weight) also the gradients with that weight on every row. Its (c, V) temporaries die when it returns."""
     h, s, t = _chunk_logits(ops, r0, r1)
     y = ops.labels[r0:r1]
-    out = forward_rows(s, t, y, opts)
+    out = forward_rows(s, t, y, call.params, call.st, call.backend)
     for buf, x in zip(rows, out):
         buf[r0:r1] = x
     if g is not None:
-        _backprop(ops, grads, h, _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0).contiguous(), opts), r0, r1)
+        _backprop(ops, grads, h, _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0), call), r0, r1)
 
 
-def _backward_chunk(ops, opts, r0, r1, final, g, grads):
+def _backward_chunk(ops, call, r0, r1, final, g, grads):
     """Recompute the logits of rows [r0, r1) and backpropagate per-row weights g (c,) fp32."""
     h, s, t = _chunk_logits(ops, r0, r1)
-    _backprop(ops, grads, h, _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, opts), r0, r1)
+    _backprop(ops, grads, h, _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, call), r0, r1)
 
 
 def _new_grads(ops, want_hidden, want_weight, want_bias):
@@ -149,20 +148,11 @@ def _new_grads(ops, want_hidden, want_weight, want_bias):
         ops.weight.new_zeros((V,), dtype=torch.float32) if want_bias and ops.bias is not None else None)
 
 
-def _row_weight(live, reduction, num_items):
-    """d reduced / d row_i for a counted row: 1 / max(count, 1) (or 1 / num_items) for "mean", 1 for "sum"
-    (0-dim, on the device)."""
-    if reduction == "sum":
-        return torch.ones((), device=live.device)
-    return 1.0 / torch.as_tensor(mean_denominator(live, num_items), device=live.device).float()
-
-
 class _Plan(NamedTuple):
     """The non-tensor arguments of one call."""
 
-    opts: LossOptions   # with the resolved backend, "torch" or "triton"
+    call: Call          # the front end's validated call (options, structure, backend, params, num_items)
     chunk: int          # rows per chunk
-    num_items: object   # None, an int or a 0-dim tensor: the denominator of "mean"
     grad_enabled: bool  # autograd was on at the call (Function.forward runs with it off)
 
 
@@ -176,25 +166,26 @@ class LinearHRMLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan):
-        opts = plan.opts
+        call = plan.call
+        reduction = call.opts.reduction
         ops = _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias)
         n = labels.shape[0]
-        rows = (*(labels.new_empty((n,), dtype=torch.float32) for _ in range(4)),
-                labels.new_empty((n, N_FINAL), dtype=torch.float32))
-        live = labels != opts.ignore_index
+        rows = (*(labels.new_empty((n,), dtype=call.params.dtype) for _ in range(4)),
+                labels.new_empty((n, len(FINAL)), dtype=call.params.dtype))
+        live = labels != call.st.ignore_index
         wants = [plan.grad_enabled and w for w in ctx.needs_input_grad[:3]]
-        ctx.eager = any(wants) and opts.reduction != "none"
+        ctx.eager = any(wants) and reduction != "none"
         grads = _new_grads(ops, *wants) if ctx.eager else None
-        g = _row_weight(live, opts.reduction, plan.num_items) if ctx.eager else None
+        g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
         for r0 in range(0, n, plan.chunk):
-            _forward_chunk(ops, opts, r0, min(r0 + plan.chunk, n), rows, g, grads)
+            _forward_chunk(ops, call, r0, min(r0 + plan.chunk, n), rows, g, grads)
         loss_rows, ce, kl, z, final = rows
         ctx.grads, ctx.plan, ctx.hidden_shape, ctx.weight_dtype = grads, plan, hidden.shape, weight.dtype
-        if opts.reduction == "none":
+        if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias,
                                   final)
         ctx.mark_non_differentiable(ce, kl, z)
-        return reduce_rows(loss_rows, live, opts.reduction, plan.num_items), ce, kl, z
+        return _frontend.reduce_rows(loss_rows, live, reduction, call.num_items), ce, kl, z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -215,7 +206,7 @@ class LinearHRMLossFunction(torch.autograd.Function):
             g, n = grad_loss.float().contiguous(), final.shape[0]
             for r0 in range(0, n, plan.chunk):
                 r1 = min(r0 + plan.chunk, n)
-                _backward_chunk(ops, plan.opts, r0, r1, final, g[r0:r1], grads)
+                _backward_chunk(ops, plan.call, r0, r1, final, g[r0:r1], grads)
         gh, gw, gb = grads
         gh = None if gh is None else gh.view(ctx.hidden_shape)
         gw = None if gw is None else gw.to(ctx.weight_dtype)
@@ -224,83 +215,14 @@ class LinearHRMLossFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Public API: validation, backend choice, reduction of the components
+# Public API (the checks, backend choice and reduction are the front end's: _frontend.py)
 
 
-def _loss_options(given):
-    """LossOptions from the call's arguments, each field taken by its name (absent ones keep their default):
-    a new LossOptions field needs nothing here, only its keyword in the signature of linear_hrm_loss."""
-    return LossOptions(**{f.name: given[f.name] for f in dataclasses.fields(LossOptions) if f.name in given})
-
-
-def _check_call_options(return_components, chunk_size):
-    check_return_components(return_components)
+def _check_chunk_size(chunk_size):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)):
         raise TypeError(f"chunk_size={chunk_size!r}: expected None or an int")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}: expected None (automatic) or an int >= 1")
-
-
-def _check_tensor(name, x, dtypes, dtype_names):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in dtypes:
-        raise TypeError(f"{name}.dtype={x.dtype}: expected {dtype_names}")
-
-
-def _check_projection(prefix, hidden, weight, bias, vocab=None):
-    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype; V = vocab when given."""
-    floats = "float32, bfloat16 or float16"
-    _check_tensor(f"{prefix}hidden", hidden, FLOAT_DTYPES, floats)
-    _check_tensor(f"{prefix}weight", weight, FLOAT_DTYPES, floats)
-    if hidden.dim() < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"{prefix}hidden.shape={tuple(hidden.shape)}: expected (..., H) with H >= 1")
-    H = hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
-        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected (V, H) with V >= 1 and "
-                         f"H = {prefix}hidden.shape[-1] = {H}")
-    if vocab is not None and weight.shape[0] != vocab:
-        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected V = weight.shape[0] = {vocab} "
-                         "rows (the student's vocabulary)")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}weight.dtype={weight.dtype}: expected the dtype of {prefix}hidden, "
-                        f"{hidden.dtype}")
-    if bias is not None:
-        _check_tensor(f"{prefix}bias", bias, (weight.dtype,), f"the dtype of {prefix}weight, {weight.dtype}")
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{prefix}bias.shape={tuple(bias.shape)}: expected ({weight.shape[0]},)")
-
-
-def check_linear_tensors(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias):
-    """Types, shapes, dtypes and devices of a linear_hrm_loss call; TypeError / ValueError naming the argument."""
-    _check_projection("", hidden, weight, bias)
-    _check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
-    lead, V = tuple(hidden.shape[:-1]), weight.shape[0]
-    if tuple(labels.shape) != lead:
-        raise ValueError(f"labels.shape={tuple(labels.shape)}: expected hidden.shape[:-1] = {lead}")
-    if ref_logits is not None:
-        if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
-            raise ValueError("ref_logits was given together with ref_hidden / ref_weight / ref_bias: "
-                             "expected exactly one of ref_logits or (ref_hidden, ref_weight[, ref_bias])")
-        _check_tensor("ref_logits", ref_logits, FLOAT_DTYPES, "float32, bfloat16 or float16")
-        if tuple(ref_logits.shape) != (*lead, V):
-            raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected hidden.shape[:-1] + (V,) "
-                             f"= {(*lead, V)} with V = weight.shape[0]")
-        refs = {"ref_logits": ref_logits}
-    else:
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError("no reference: expected ref_logits, or both ref_hidden and ref_weight "
-                             f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
-                             f"ref_weight={'a tensor' if ref_weight is not None else None})")
-        _check_projection("ref_", ref_hidden, ref_weight, ref_bias, vocab=V)
-        if tuple(ref_hidden.shape[:-1]) != lead:
-            raise ValueError(f"ref_hidden.shape={tuple(ref_hidden.shape)}: expected hidden.shape[:-1] + "
-                             f"(H_ref,) with hidden.shape[:-1] = {lead}")
-        refs = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
-    others = {"weight": weight, "bias": bias, "labels": labels, **refs}
-    for name, x in others.items():
-        if x is not None and x.device != hidden.device:
-            raise ValueError(f"{name}.device={x.device}: expected the device of hidden, {hidden.device}")
 
 
 def _detach(x):
@@ -310,10 +232,10 @@ def _detach(x):
 def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=None, ref_hidden=None,
                     ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
                     reduction="mean", return_components=False, chunk_size=None, backend="auto",
-                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None):
+                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, check_finite=False):
     """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
 
-    With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (DESIGN.md §1):
+    With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (docs/design.md §1):
 
         ce_i   = logsumexp(s_i) - s_i[y_i]       (with label smoothing and soft cap as in hrm_loss)
         kl_i   = KL(p_T || q_T)  (kl="forward"),  KL(q_T || p_T)  (kl="reverse"),
@@ -338,7 +260,7 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
             (V, H_ref) and optional bias (V,), one float dtype; the reference logits are then computed
             chunk by chunk too. Exactly one of the two forms. The reference side is a constant.
         kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
-        num_items: as in `hrm_loss`.
+        num_items, check_finite: as in `hrm_loss` (the value options may be 0-dim tensors there too).
         return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
         chunk_size: tokens per chunk; None picks the most rows whose fp32 logits fit in 32 MiB (CPU) or
             256 MiB (CUDA), at least 1 and at most N (`auto_chunk_rows`).
@@ -349,23 +271,20 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
 
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
-    opts = _loss_options(locals())
-    _check_call_options(return_components, chunk_size)
-    check_num_items(num_items, opts.reduction)
-    check_linear_tensors(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias)
-    opts = dataclasses.replace(opts, backend=resolve_backend(opts.backend, hidden.device))
+    _check_chunk_size(chunk_size)
+    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias)
+    call = _frontend.make_call(
+        dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap),
+        hidden.device, (hidden.dtype,), return_components=return_components, num_items=num_items,
+        check_finite=check_finite)
     flat = labels.reshape(-1).contiguous()
     V = weight.shape[0]
-    check_labels(flat, 0, V, opts.ignore_index)
     chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V, hidden.device)
-    plan = _Plan(opts, int(chunk), num_items, torch.is_grad_enabled())
-    loss, *parts = LinearHRMLossFunction.apply(
+    plan = _Plan(call, int(chunk), torch.is_grad_enabled())
+    out = LinearHRMLossFunction.apply(
         hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
-    live = flat != opts.ignore_index
-    out = HRMLossOutput(loss, *(reduce_rows(x, live, opts.reduction, num_items) for x in parts))
-    if opts.reduction == "none":
-        out = HRMLossOutput(*(x.view(labels.shape) for x in out))
-    return out if return_components else out.loss
+    return _frontend.finish(call, *out, labels)
 
 
 def _option_names():
@@ -389,8 +308,9 @@ class LinearHRMLoss(torch.nn.Module):
             raise TypeError(f"LinearHRMLoss got unexpected option(s) {unknown}: expected some of "
                             f"{_option_names()}")
         self.kwargs = {"hrm": hrm, **options}
-        _loss_options(self.kwargs)  # fail at construction, not at the first call
-        _check_call_options(options.get("return_components", False), options.get("chunk_size"))
+        _frontend.validate_options({k: v for k, v in self.kwargs.items() if k in OPTION_NAMES},
+                                   options.get("return_components", False), options.get("check_finite", False))
+        _check_chunk_size(options.get("chunk_size"))
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, num_items=None):

@@ -1,4 +1,4 @@
-"""Triton kernels for the fused loss  loss_i = ce_i + hrm * kl_i  (see DESIGN.md §1).
+"""Triton kernels for the fused loss  loss_i = ce_i + hrm * kl_i  (the maths: docs/design.md §1-2).
 
 One program handles one row (token) and streams its vocabulary in blocks of BLOCK_V. Notation, per row:
 
@@ -8,6 +8,10 @@ One program handles one row (token) and streams its vocabulary in blocks of BLOC
     lse_s = logsumexp(s), lse_u = logsumexp(u), lse_w = logsumexp(w)
 
 Three kernels, one family:
+
+Column layouts (PARTIAL, FINAL, JSD) and the runtime scalars (PARAMS: hrm, temperature, beta,
+label_smoothing, z_loss, softcap, read from one small fp32 tensor) are named in hrmloss/_layout.py; the
+constants below are their indices. Constexprs select structure only, never a value.
 
 1. `_hrm_stats_kernel` (read s, t once; write 7 floats a row): the *partial* row statistics
        lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w], sum_s = sum_j s_j
@@ -35,8 +39,38 @@ Rows whose label is ignore_index read nothing (masked loads) and get a zero grad
 import triton
 import triton.language as tl
 
+from .._layout import FINAL, JSD, PARAMS, PARTIAL
+
 NEG_INF = tl.constexpr(float("-inf"))
 INF = tl.constexpr(float("inf"))
+
+# columns of the partial statistics written by the stats pass
+P_LSE_S = tl.constexpr(PARTIAL.lse_s)
+P_S_Y = tl.constexpr(PARTIAL.s_y)
+P_LSE_U = tl.constexpr(PARTIAL.lse_u)
+P_LSE_W = tl.constexpr(PARTIAL.lse_w)
+P_EP = tl.constexpr(PARTIAL.ep)
+P_EQ = tl.constexpr(PARTIAL.eq)
+P_SUM_S = tl.constexpr(PARTIAL.sum_s)
+N_PARTIAL = tl.constexpr(len(PARTIAL))
+# columns of the final statistics read by the gradient pass
+F_LSE_S = tl.constexpr(FINAL.lse_s)
+F_LSE_U = tl.constexpr(FINAL.lse_u)
+F_LSE_W = tl.constexpr(FINAL.lse_w)
+F_KL_P = tl.constexpr(FINAL.kl_p)
+F_KL_Q = tl.constexpr(FINAL.kl_q)
+N_FINAL = tl.constexpr(len(FINAL))
+# the JSD pass's sums, and the (N, 2) lse_u, lse_w it reads
+J_KL_PM = tl.constexpr(JSD.kl_pm)
+J_KL_QM = tl.constexpr(JSD.kl_qm)
+N_JSD = tl.constexpr(len(JSD))
+# runtime scalars
+HRM = tl.constexpr(PARAMS.hrm)
+TEMPERATURE = tl.constexpr(PARAMS.temperature)
+BETA = tl.constexpr(PARAMS.beta)
+LABEL_SMOOTHING = tl.constexpr(PARAMS.label_smoothing)
+Z_LOSS = tl.constexpr(PARAMS.z_loss)
+SOFTCAP_C = tl.constexpr(PARAMS.softcap)
 
 
 @triton.jit
@@ -91,19 +125,20 @@ def _hrm_stats_kernel(
     t_ptr,          # [B, T_rows, V] reference logits, strides (t_stride_b, t_stride_t, 1)
     t_stride_b, t_stride_t,
     y_ptr,          # [N] labels (int32/int64), N = B * T_rows
-    stats_ptr,      # [N, 7] fp32 out: lse_s, s[y], lse_u, lse_w, ep, eq, sum_s
+    stats_ptr,      # [N, N_PARTIAL] fp32 out: the PARTIAL columns
+    params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars (temperature, softcap used here)
     T_rows,         # rows per leading index
     V,              # vocabulary (shard) size
     vocab_start,    # first global id of this shard (0 without sharding)
-    inv_temp,       # 1 / T
     ignore_index,
-    softcap,        # c of s <- c * tanh(s / c), used when SOFTCAP
     SCALED: tl.constexpr,   # T != 1: keep separate statistics for u = s / T
     SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # read s and t once: 2 NVs; write 28 bytes a row
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
+    softcap = tl.load(params_ptr + SOFTCAP_C)
     y = tl.load(y_ptr + row).to(tl.int64)
     live = y != ignore_index
     V_live = tl.where(live, V, 0)  # an ignored row reads nothing
@@ -142,14 +177,14 @@ def _hrm_stats_kernel(
     owned = live & (y_local >= 0) & (y_local < V)
     s_y, _dcap_y = _load_student(s_row + tl.where(owned, y_local, 0), owned, softcap, SOFTCAP)
     s_y = tl.where(owned, s_y, 0.0)
-    out = stats_ptr + row * 7
-    tl.store(out + 0, lse_s)
-    tl.store(out + 1, s_y)
-    tl.store(out + 2, lse_u)
-    tl.store(out + 3, lse_w)
-    tl.store(out + 4, ep)
-    tl.store(out + 5, eq)
-    tl.store(out + 6, tl.sum(sum_s, 0))
+    out = stats_ptr + row * N_PARTIAL
+    tl.store(out + P_LSE_S, lse_s)
+    tl.store(out + P_S_Y, s_y)
+    tl.store(out + P_LSE_U, lse_u)
+    tl.store(out + P_LSE_W, lse_w)
+    tl.store(out + P_EP, ep)
+    tl.store(out + P_EQ, eq)
+    tl.store(out + P_SUM_S, tl.sum(sum_s, 0))
 
 
 @triton.jit
@@ -185,14 +220,18 @@ def _hrm_jsd_kernel(
     t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V] reference logits
     y_ptr,          # [N] labels
     lse_ptr,        # [N, 2] fp32 in: final lse_u, lse_w (over the whole vocabulary)
-    out_ptr,        # [N, 2] fp32 out: partial sums kpm = sum p log(p/m), kqm = sum q log(q/m)
-    T_rows, V, inv_temp, beta, ignore_index, softcap,
+    out_ptr,        # [N, N_JSD] fp32 out: partial sums kpm = sum p log(p/m), kqm = sum q log(q/m)
+    params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars (temperature, beta, softcap used here)
+    T_rows, V, ignore_index,
     SCALED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # read s and t once more: 2 NVs
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
+    beta = tl.load(params_ptr + BETA)
+    softcap = tl.load(params_ptr + SOFTCAP_C)
     V_live = tl.where(tl.load(y_ptr + row).to(tl.int64) != ignore_index, V, 0)
     s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
     t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
@@ -209,8 +248,8 @@ def _hrm_jsd_kernel(
         lm = _log_mixture(lq, lp, beta)
         kpm += _xlog_ratio(p, lp, lm)
         kqm += _xlog_ratio(q, lq, lm)
-    tl.store(out_ptr + row * 2, tl.sum(kpm, 0))
-    tl.store(out_ptr + row * 2 + 1, tl.sum(kqm, 0))
+    tl.store(out_ptr + row * N_JSD + J_KL_PM, tl.sum(kpm, 0))
+    tl.store(out_ptr + row * N_JSD + J_KL_QM, tl.sum(kqm, 0))
 
 
 @triton.jit
@@ -218,17 +257,16 @@ def _hrm_grad_kernel(
     s_ptr, s_stride_b, s_stride_t,   # [B, T_rows, V] student logits
     t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V] reference logits
     y_ptr,          # [N] labels
-    stats_ptr,      # [N, 5] fp32 in: lse_s, lse_u, lse_w, kl_p, kl_q (final; see _finalize)
+    stats_ptr,      # [N, N_FINAL] fp32 in: the FINAL columns lse_s, lse_u, lse_w, kl_p, kl_q
     g_ptr,          # [N] fp32 in: per-row scale g_i (grad_output x reduction factor)
+    params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars
     ds_ptr,         # [N, V] out, dtype of s: d loss / d s (contiguous rows of ds_stride)
     ds_stride,
     dt_ptr,         # [N, V] out, dtype of t: d loss / d t (only when REF_GRAD)
     dt_stride,
-    T_rows, V, vocab_start, hrm, inv_temp, beta, ignore_index,
-    label_smoothing,         # eps: the CE target is (1 - eps) onehot(y) + eps / V_total
-    smooth_per_class,        # eps / V_total (V_total: the whole vocabulary, over all shards)
-    z_loss,                  # weight of z_loss * lse_s^2
-    softcap,
+    T_rows, V, vocab_start,
+    vocab_size,              # V_total, the whole vocabulary over all shards (label smoothing's eps / V_total)
+    ignore_index,
     KIND: tl.constexpr,      # 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD
     SCALED: tl.constexpr,    # T != 1
     SOFTCAP: tl.constexpr,
@@ -245,14 +283,20 @@ def _hrm_grad_kernel(
     V_live = tl.where(live, V, 0)  # nothing to read for an ignored or zero-weight row
     s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
     t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
-    st = stats_ptr + row * 5
-    lse_s = tl.load(st + 0)
-    lse_u = tl.load(st + 1)
-    lse_w = tl.load(st + 2)
-    kl_p = tl.load(st + 3)   # KL(p||q), or KL(p||m) for JSD
-    kl_q = tl.load(st + 4)   # KL(q||p), or KL(q||m) for JSD
+    st = stats_ptr + row * N_FINAL
+    lse_s = tl.load(st + F_LSE_S)
+    lse_u = tl.load(st + F_LSE_U)
+    lse_w = tl.load(st + F_LSE_W)
+    kl_p = tl.load(st + F_KL_P)   # KL(p||q), or KL(p||m) for JSD
+    kl_q = tl.load(st + F_KL_Q)   # KL(q||p), or KL(q||m) for JSD
+    inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
+    beta = tl.load(params_ptr + BETA)
+    label_smoothing = tl.load(params_ptr + LABEL_SMOOTHING)  # eps: CE target (1 - eps) onehot(y) + eps / V_total
+    smooth_per_class = label_smoothing / vocab_size
+    z_loss = tl.load(params_ptr + Z_LOSS)
+    softcap = tl.load(params_ptr + SOFTCAP_C)
     y_local = y - vocab_start
-    c = hrm * inv_temp
+    c = tl.load(params_ptr + HRM) * inv_temp
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
@@ -264,23 +308,27 @@ def _hrm_grad_kernel(
         ds = q1 * (1.0 + 2.0 * z_loss * lse_s) - tl.where(cols == y_local, 1.0 - label_smoothing, 0.0)
         ds -= smooth_per_class
         if READ_REF:
-            t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-            lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
-            # 2. divergence: the formulas of the module docstring, 0 where the probability is 0
-            if KIND == 0:
-                dku = q - p
-                dkw = _xlog_ratio(p, lp, lq) - p * kl_p
-            elif KIND == 1:
-                dku = _xlog_ratio(q, lq, lp) - q * kl_q
-                dkw = p - q
-            else:
-                lm = _log_mixture(lq, lp, beta)
-                dku = (1.0 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
-                dkw = beta * (_xlog_ratio(p, lp, lm) - p * kl_p)
-            ds += c * dku
-            if REF_GRAD:
-                dt = tl.where(live, g * c * dkw, 0.0)
-                tl.store(dt_ptr + row * dt_stride + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row)
+            # 2. divergence: the formulas of the module docstring, 0 where the probability is 0; hrm = 0
+            #    (c = 0) drops the term instead of multiplying it by 0, since it can be infinite
+            if c != 0.0:
+                t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+                lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
+                if KIND == 0:
+                    dku = q - p
+                    dkw = _xlog_ratio(p, lp, lq) - p * kl_p
+                elif KIND == 1:
+                    dku = _xlog_ratio(q, lq, lp) - q * kl_q
+                    dkw = p - q
+                else:
+                    lm = _log_mixture(lq, lp, beta)
+                    dku = (1.0 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
+                    dkw = beta * (_xlog_ratio(p, lp, lm) - p * kl_p)
+                ds += c * dku
+                if REF_GRAD:
+                    dt = tl.where(live, g * c * dkw, 0.0)
+                    tl.store(dt_ptr + row * dt_stride + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row)
+            elif REF_GRAD:
+                tl.store(dt_ptr + row * dt_stride + cols, tl.zeros([BLOCK_V], dt_ptr.dtype.element_ty), mask=in_row)
         # 3. through the soft cap (d s / d s_raw), scale by g; a dead row writes zeros
         ds = tl.where(live, g * ds * dcap, 0.0)
         tl.store(ds_ptr + row * ds_stride + cols, ds.to(ds_ptr.dtype.element_ty), mask=in_row)

@@ -23,7 +23,7 @@ from hrmloss.kernels import hrm_loss as K
 CCS = (80, 90)
 VS = (32000, 131072)
 DTYPES = ("fp32", "bf16")
-INT_ARGS = {"T_rows", "V", "vocab_start", "ignore_index"}
+INT_ARGS = {"T_rows", "V", "vocab_start", "vocab_size", "ignore_index"}
 FLOAT_ARGS = {"inv_temp", "hrm", "beta", "softcap", "label_smoothing", "smooth_per_class", "z_loss"}
 OWN_DTYPE_PTRS = {"s_ptr", "t_ptr", "ds_ptr", "dt_ptr"}  # pointers in the logits' dtype
 

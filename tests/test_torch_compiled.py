@@ -50,11 +50,12 @@ def test_compiled_grad_to_the_reference_matches_eager(small_chunks):
     s, t, y = _inputs()
     s, t, flat = s[:, :-1], t[:, :-1], y.reshape(-1)
     opts = LossOptions(hrm=0.7, kl="reverse", backend="torch")
-    final = forward_rows(s, t, flat, opts)[-1]
+    params, st = opts.params(s.device, torch.float32), opts.structure()
+    final = forward_rows(s, t, flat, params, st, "torch")[-1]
     s3, t3 = rows_3d(s, t)
     g = torch.linspace(0.5, 1.5, flat.numel())
-    got = _torch_compiled.grad(s3, t3, flat, final, g, opts, 96, ref_grad=True)
-    want = _torch.grad(s3, t3, flat, final, g, opts, 96, ref_grad=True)
+    got = _torch_compiled.grad(s3, t3, flat, final, g, params, st, 0, 96, ref_grad=True)
+    want = _torch.grad(s3, t3, flat, final, g, params, st, 0, 96, ref_grad=True)
     assert _torch_compiled._state["fns"] and not _torch_compiled._state["failed"]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
