@@ -91,11 +91,12 @@ def _check_option_devices(opts, device):
                              f"inputs, {device}")
 
 
-def check_ref_vocab(name, V_ref, V, ref_vocab):
-    """A reference of V_ref != V columns: an error unless ref_vocab="truncate"."""
+def check_ref_vocab(name, shape, V_ref, V, ref_vocab):
+    """A reference of V_ref != V classes: an error unless ref_vocab="truncate"."""
     if V_ref != V and ref_vocab != "truncate":
-        raise ValueError(f"{name} has V_ref={V_ref} columns and the student V={V}: expected equal vocabularies, "
-                         "or ref_vocab='truncate' (the divergence then uses the first min(V, V_ref) ids of both)")
+        raise ValueError(f"{name}.shape={tuple(shape)}: a reference vocabulary of V_ref={V_ref} for a student of "
+                         f"V={V}: expected equal vocabularies, or ref_vocab='truncate' (the divergence then uses "
+                         "the first min(V, V_ref) ids of both)")
 
 
 def check_logits(logits, ref_logits, labels, ref_vocab="error", topk=False):
@@ -119,7 +120,7 @@ def check_logits(logits, ref_logits, labels, ref_vocab="error", topk=False):
     if ref_logits.shape[:-1] != logits.shape[:-1] or ref_logits.shape[-1] < 1:
         raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected the shape of logits, "
                          f"{tuple(logits.shape)}")
-    check_ref_vocab("ref_logits", ref_logits.shape[-1], logits.shape[-1], ref_vocab)
+    check_ref_vocab("ref_logits", ref_logits.shape, ref_logits.shape[-1], logits.shape[-1], ref_vocab)
     _same_device("logits", logits, {"ref_logits": ref_logits})
     return ref_logits[..., :logits.shape[-1]]
 
@@ -195,7 +196,7 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
         if tuple(ref_logits.shape[:-1]) != lead or ref_logits.shape[-1] < 1:
             raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected hidden.shape[:-1] + (V,) "
                              f"= {(*lead, V)} with V = weight.shape[0]")
-        check_ref_vocab("ref_logits", ref_logits.shape[-1], V, ref_vocab)
+        check_ref_vocab("ref_logits", ref_logits.shape, ref_logits.shape[-1], V, ref_vocab)
         refs = {"ref_logits": ref_logits}
     else:
         if ref_hidden is None or ref_weight is None:
@@ -203,7 +204,7 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
                              f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
         _check_projection("ref_", ref_hidden, ref_weight, ref_bias)
-        check_ref_vocab("ref_weight", ref_weight.shape[0], V, ref_vocab)
+        check_ref_vocab("ref_weight", ref_weight.shape, ref_weight.shape[0], V, ref_vocab)
         if tuple(ref_hidden.shape[:-1]) != lead:
             raise ValueError(f"ref_hidden.shape={tuple(ref_hidden.shape)}: expected hidden.shape[:-1] + "
                              f"(H_ref,) with hidden.shape[:-1] = {lead}")
