@@ -23,17 +23,24 @@ from hrmloss.kernels import hrm_loss as K
 CCS = (80, 90)
 VS = (32000, 131072)
 DTYPES = ("fp32", "bf16")
-INT_ARGS = {"T_rows", "V", "vocab_start", "vocab_size", "ignore_index"}
+INT_ARGS = {"T_rows", "V", "vocab_start", "vocab_size", "ignore_index", "V_ref", "K"}
 FLOAT_ARGS = {"inv_temp", "hrm", "beta", "softcap", "label_smoothing", "smooth_per_class", "z_loss"}
 OWN_DTYPE_PTRS = {"s_ptr", "t_ptr", "ds_ptr", "dt_ptr"}  # pointers in the logits' dtype
 
 # constexpr variants per kernel (BLOCK_V comes from the launcher)
+_DENSE = dict(HAS_REF=True, REST=False, CUT=False, K_PAD=1)
+_TOPK = dict(HAS_REF=False, REST=True, CUT=False, K_PAD=64)  # a sparse teacher of K = 64 ids, rest mass summed
 VARIANTS = {
-    "_hrm_stats_kernel": [dict(SCALED=False, SOFTCAP=False), dict(SCALED=True, SOFTCAP=True)],
-    "_hrm_jsd_kernel": [dict(SCALED=True, SOFTCAP=True)],
-    "_hrm_grad_kernel": [dict(KIND=k, SCALED=True, SOFTCAP=True, READ_REF=True, REF_GRAD=True) for k in (0, 1, 2)]
-    + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False),
-       dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False)],
+    "_hrm_stats_kernel": [dict(SCALED=False, SOFTCAP=False, **_DENSE), dict(SCALED=True, SOFTCAP=True, **_DENSE),
+                          dict(SCALED=False, SOFTCAP=False, **_TOPK),
+                          dict(SCALED=True, SOFTCAP=False, **dict(_DENSE, CUT=True))],
+    "_hrm_jsd_kernel": [dict(SCALED=True, SOFTCAP=True, CUT=False), dict(SCALED=True, SOFTCAP=False, CUT=True)],
+    "_hrm_grad_kernel": [dict(KIND=k, SCALED=True, SOFTCAP=True, READ_REF=True, REF_GRAD=True, **_DENSE)
+                         for k in (0, 1, 2)]
+    + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **_DENSE),
+       dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **_DENSE),
+       dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **_TOPK),
+       dict(KIND=2, SCALED=True, SOFTCAP=False, READ_REF=True, REF_GRAD=True, **dict(_DENSE, CUT=True))],
 }
 
 
@@ -44,7 +51,8 @@ def signature(fn, dtype):
         if param.is_constexpr:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in OWN_DTYPE_PTRS else ("*i64" if name == "y_ptr" else "*fp32")
+            sig[name] = f"*{dtype}" if name in OWN_DTYPE_PTRS else \
+                ("*i64" if name in ("y_ptr", "ids_ptr") else "*fp32")
         elif "stride" in name:
             sig[name] = "i64"
         elif name in INT_ARGS:
