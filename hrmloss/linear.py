@@ -21,7 +21,6 @@ When is the gradient computed? The incoming gradient of the loss decides:
   keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
   the gradient pass with g = grad_output (the matmuls are done twice, the memory stays O(chunk x V)).
 """
-import inspect
 import numbers
 from typing import NamedTuple
 
@@ -32,7 +31,6 @@ from ._core import rows_3d
 from ._frontend import Call
 from ._function import forward_rows, grad_rows
 from ._layout import FINAL
-from ._options import OPTION_NAMES
 
 # Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
 # Every chunk reads and writes the fp32 (V, H) grad_weight accumulator once and reads the (V, H) weight
@@ -287,6 +285,137 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     return _frontend.finish(call, *out, labels)
 
 
+class LinearHRMLossFunction(torch.autograd.Function):
+    """(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan) ->
+    (loss, ce_rows, kl_rows, z_rows): loss reduced for "mean" / "sum", per row (N,) for "none"; the
+    others (N,) detached.
+
+    Gradients flow to hidden, weight and bias only; the reference side is a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan):
+        call = plan.call
+        reduction = call.opts.reduction
+        ops = _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias)
+        n = labels.shape[0]
+        rows = (*(labels.new_empty((n,), dtype=call.params.dtype) for _ in range(4)),
+                labels.new_empty((n, len(FINAL)), dtype=call.params.dtype))
+        live = labels != call.st.ignore_index
+        wants = [plan.grad_enabled and w for w in ctx.needs_input_grad[:3]]
+        ctx.eager = any(wants) and reduction != "none"
+        grads = _new_grads(ops, *wants) if ctx.eager else None
+        g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
+        for r0 in range(0, n, plan.chunk):
+            _forward_chunk(ops, call, r0, min(r0 + plan.chunk, n), rows, g, grads)
+        loss_rows, ce, kl, z, final = rows
+        ctx.grads, ctx.plan, ctx.hidden_shape, ctx.weight_dtype = grads, plan, hidden.shape, weight.dtype
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias,
+                                  final)
+        ctx.mark_non_differentiable(ce, kl, z)
+        return _frontend.reduce_rows(loss_rows, live, reduction, call.num_items), ce, kl, z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *_):
+        if ctx.eager:  # "mean" / "sum": scale the forward's gradients by the scalar grad_loss, in place
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "linear_hrm_loss: a second backward through the same graph is not supported with "
+                    "reduction 'mean' or 'sum' (the gradients were computed in the forward and scaled in "
+                    "place by the first backward); run the forward again")
+            grads, ctx.grads = ctx.grads, None
+            go = grad_loss.float()
+            grads = _Grads(*(None if x is None else x.mul_(go) for x in grads))
+        else:          # "none": recompute the logits chunk by chunk, backpropagate the per-row grad_loss
+            *tensors, final = ctx.saved_tensors
+            ops, plan = _operands(*tensors), ctx.plan
+            grads = _new_grads(ops, *ctx.needs_input_grad[:3])
+            g, n = grad_loss.float().contiguous(), final.shape[0]
+            for r0 in range(0, n, plan.chunk):
+                r1 = min(r0 + plan.chunk, n)
+                _backward_chunk(ops, plan.call, r0, r1, final, g[r0:r1], grads)
+        gh, gw, gb = grads
+        gh = None if gh is None else gh.view(ctx.hidden_shape)
+        gw = None if gw is None else gw.to(ctx.weight_dtype)
+        gb = None if gb is None else gb.to(ctx.weight_dtype)
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API (the checks, backend choice and reduction are the front end's: _frontend.py)
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)):
+        raise TypeError(f"chunk_size={chunk_size!r}: expected None or an int")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected None (automatic) or an int >= 1")
+
+
+def _detach(x):
+    return None if x is None else x.detach()
+
+
+def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=None, ref_hidden=None,
+                    ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
+                    reduction="mean", return_components=False, chunk_size=None, backend="auto",
+                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, check_finite=False):
+    """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
+
+    With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (docs/design.md §1):
+
+        ce_i   = logsumexp(s_i) - s_i[y_i]       (with label smoothing and soft cap as in hrm_loss)
+        kl_i   = KL(p_T || q_T)  (kl="forward"),  KL(q_T || p_T)  (kl="reverse"),
+                 beta KL(p_T || m) + (1 - beta) KL(q_T || m),  m = beta p_T + (1 - beta) q_T  (kl="jsd")
+        loss_i = ce_i + hrm * kl_i + z_i,   q_T = softmax(s_i / T),  p_T = softmax(t_i / T)
+
+    computed over chunks of `chunk_size` tokens: peak extra memory O(chunk_size x V) plus the (N, H)
+    gradient of hidden and an fp32 (V, H) accumulator of the gradient of weight (see the module docstring
+    for when the gradient is computed: in the forward for "mean" / "sum", recomputed in the backward
+    for "none").
+
+    Args:
+        hidden: (..., H) float32 / bfloat16 / float16, the student's last hidden states. Receives a
+            gradient of its shape and dtype.
+        weight: (V, H), hidden's dtype, the student's output projection. Its gradient is accumulated
+            over chunks in fp32 and returned in its dtype.
+        labels: (...) = hidden.shape[:-1], int64 or int32, values in [0, V) or `ignore_index`.
+        hrm: weight of the divergence, finite and >= 0.
+        bias: optional (V,) output bias, weight's dtype (gets a gradient like weight).
+        ref_logits: (..., V) any float dtype, precomputed reference logits; or instead
+        ref_hidden, ref_weight, ref_bias: the reference's last hidden states (..., H_ref), output weight
+            (V, H_ref) and optional bias (V,), one float dtype; the reference logits are then computed
+            chunk by chunk too. Exactly one of the two forms. The reference side is a constant.
+        kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
+        num_items, check_finite: as in `hrm_loss` (the value options may be 0-dim tensors there too).
+        return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
+        chunk_size: tokens per chunk; None picks the most rows whose fp32 logits fit in 32 MiB (CPU) or
+            256 MiB (CUDA), at least 1 and at most N (`auto_chunk_rows`).
+
+    Returns:
+        The fp32 loss (a scalar, or the shape of labels for reduction="none"), or `HRMLossOutput` whose
+        `ce`, `kl` and `z` are reduced like the loss, detached, fp32.
+
+    The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
+    """
+    _check_chunk_size(chunk_size)
+    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias)
+    call = _frontend.make_call(
+        dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap),
+        hidden.device, (hidden.dtype,), return_components=return_components, num_items=num_items,
+        check_finite=check_finite)
+    flat = labels.reshape(-1).contiguous()
+    V = weight.shape[0]
+    chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V, hidden.device)
+    plan = _Plan(call, int(chunk), torch.is_grad_enabled())
+    out = LinearHRMLossFunction.apply(
+        hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
+    return _frontend.finish(call, *out, labels)
+
+
 def _option_names():
     """The keyword-only options of linear_hrm_loss that are not tensors (what LinearHRMLoss stores)."""
     params = inspect.signature(linear_hrm_loss).parameters.values()
@@ -303,13 +432,8 @@ class LinearHRMLoss(torch.nn.Module):
 
     def __init__(self, hrm=1.0, **options):
         super().__init__()
-        unknown = sorted(set(options) - set(_option_names()))
-        if unknown:
-            raise TypeError(f"LinearHRMLoss got unexpected option(s) {unknown}: expected some of "
-                            f"{_option_names()}")
-        self.kwargs = {"hrm": hrm, **options}
-        _frontend.validate_options({k: v for k, v in self.kwargs.items() if k in OPTION_NAMES},
-                                   options.get("return_components", False), options.get("check_finite", False))
+        self.kwargs = _frontend.module_options("LinearHRMLoss", linear_hrm_loss, {"hrm": hrm, **options},
+                                               per_call=_TENSOR_KEYWORDS + ("num_items",))
         _check_chunk_size(options.get("chunk_size"))
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
