@@ -164,3 +164,21 @@ def test_bad_sparse_teacher():
                 hrmloss.hrm_loss(s, ref, y, backend=backend, **kw)
     with pytest.raises(ValueError, match="ref_logits=None"):
         hrmloss.hrm_loss(s, None, y)
+
+
+def test_torch_compile_fullgraph():
+    # the sparse teacher and token weights trace through torch.compile(fullgraph=True): same loss and gradient
+    s, t, y, ids, lps = make_topk((2, 5, 40), 6, seed=8)
+    w = torch.rand(2, 5)
+
+    def f(s):
+        return hrmloss.hrm_loss(s, None, y, 0.5, ref_topk=(ids, lps), topk_mode="tail", kl="jsd", token_weights=w,
+                                backend="torch")
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        x = s.clone().requires_grad_(True)
+        loss = fn(x)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    close(grads[1][0], grads[0][0], atol=1e-6)
+    close(grads[1][1], grads[0][1], atol=1e-6)
