@@ -76,12 +76,12 @@ def _ref(tc, V, params):
 
 
 def _off_ids(u, ids, vocab_start):
-    """u with -inf at the row's top-k ids that fall in this shard (the rest outcome's logits)."""
+    """u with -inf at the row's top-k ids that fall in this shard (the rest outcome's logits): a copy of
+    u padded by one column, where the ids outside the shard land (a scatter Inductor keeps cheap)."""
     local = ids.long() - vocab_start
     V = u.shape[-1]
-    hit = torch.zeros((u.shape[0], V + 1), dtype=torch.bool, device=u.device)
-    hit.scatter_(1, torch.where((local >= 0) & (local < V), local, V), True)  # column V: out of shard
-    return torch.where(hit[:, :V], NEG_INF, u)
+    padded = torch.nn.functional.pad(u, (0, 1), value=NEG_INF)
+    return padded.scatter(1, torch.where((local >= 0) & (local < V), local, V), NEG_INF)[:, :V]
 
 
 def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
@@ -99,13 +99,13 @@ def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
             w = _ref(tc.to(acc), V, params)
             lse_u, eq = _lse_and_mean(u, w)
             lse_w, ep = _lse_and_mean(w, u)
-        else:
-            lse_u, eq = torch.logsumexp(u, -1), torch.zeros_like(u[:, 0])
+        else:  # (_lse_and_mean's pattern: Inductor fuses it into one pass, torch.logsumexp into more)
+            lse_u, eq = _lse_and_mean(u, u)
             lse_w, ep = torch.full_like(lse_u, NEG_INF), eq
         y = labels[r0:r1].long() - vocab_start
         owned = (labels[r0:r1] != st.ignore_index) & (y >= 0) & (y < V)
         s_y = sc.gather(1, torch.where(owned, y, 0)[:, None])[:, 0]
-        lse_rest = torch.logsumexp(_off_ids(u, topk_ids[r0:r1], vocab_start), -1) if st.rest else lse_u
+        lse_rest = _lse_and_mean(_off_ids(u, topk_ids[r0:r1], vocab_start), u)[0] if st.rest else lse_u
         columns = {"lse_s": torch.logsumexp(sc, -1) if st.scaled or st.cut else lse_u,
                    "s_y": torch.where(owned, s_y, 0.0), "lse_u": lse_u, "lse_w": lse_w, "ep": ep, "eq": eq,
                    "sum_s": sc.sum(-1), "lse_rest": lse_rest}
