@@ -18,7 +18,7 @@ When is the gradient computed? The incoming gradient of the loss decides:
   and the backward only multiplies them, in place, by the grad_output tensor (no host sync). Hence such
   a graph can be backpropagated once (a second backward through it raises).
 - reduction "none": grad_output is an arbitrary per-token tensor, unknown in the forward. The forward
-  keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
+  keeps only the (N, FINAL) final row statistics (and a sparse teacher's (N, K) gradient terms); the backward recomputes the logits chunk by chunk and runs
   the gradient pass with g = grad_output (the matmuls are done twice, the memory stays O(chunk x V)).
 """
 import numbers

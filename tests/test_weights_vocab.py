@@ -5,6 +5,7 @@ import torch
 import hrmloss
 from .harness import BACKENDS, close, make
 from .reference import reference_loss
+from .test_topk import no_launch  # noqa: F401 (a fixture)
 
 
 def run(s, t, y, backend, grad_out=None, ref_grad=False, **kw):
@@ -77,7 +78,7 @@ def test_token_weights_edge_cases():
     assert torch.isfinite(got)
 
 
-def test_bad_token_weights():
+def test_bad_token_weights(no_launch):
     s, t, y = make((4, 30))
     for w, exc, text in [(torch.ones(3), ValueError, "token_weights.shape"),
                          (torch.ones(4, dtype=torch.long), TypeError, "token_weights.dtype"),
@@ -120,7 +121,7 @@ def test_truncate_equals_padding_the_student_away():
     close(got.ce, ce_only)
 
 
-def test_mismatched_vocab_is_an_error_by_default():
+def test_mismatched_vocab_is_an_error_by_default(no_launch):
     s, t, y = make((4, 30))
     with pytest.raises(ValueError, match="ref_vocab='truncate'"):
         hrmloss.hrm_loss(s, t[:, :20], y)
