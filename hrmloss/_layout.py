@@ -26,7 +26,7 @@ class Layout(tuple):
 #   ep = E_p[w - u]               eq = E_q[u - w]          sum_s = sum_j s_j (label smoothing)
 #   lse_rest = logsumexp of u over the ids outside the row's top-k ids (a sparse teacher that needs the
 #              student's mass off its ids: topk_mode="tail" or kl="jsd"; else lse_u: no id is excluded)
-# Without a dense reference (a sparse teacher), lse_w = ep = eq = 0.
+# Without a dense reference (a sparse teacher), lse_w = -inf and ep = eq = 0.
 PARTIAL = Layout(("lse_s", "s_y", "lse_u", "lse_w", "ep", "eq", "sum_s", "lse_rest"))
 
 # How each partial column combines over vocabulary shards (the vocabulary-parallel merge):

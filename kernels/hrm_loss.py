@@ -38,8 +38,9 @@ hrmloss/_topk.py) the stats pass reads s only and yields lse_s, s[y], lse_u, sum
 (the student's mass off the top-k, q_rest = exp(lse_rest - lse_u), summed directly, never as 1 - sum_k q_k,
 which cancels in fp32); the ids of a block are marked with a K-element histogram. The grad pass then
 adds  hrm / T * a q  with a per-row coefficient a (FINAL.coef), off the ids with REST; the O(K) term
-at the ids is applied outside (hrmloss/_topk.py). With CUT (ref_vocab="truncate", V_ref < V reference columns) u is
--inf beyond V_ref: q is the student renormalised over the first V_ref ids, and lse_s is kept apart.
+at the ids is applied outside (hrmloss/_topk.py). With CUT (ref_vocab="truncate", V_ref < V reference
+columns) u is -inf beyond V_ref: q is the student renormalised over the first V_ref ids, and lse_s is kept
+apart.
 
 Traffic (NVs = bytes of one logits tensor): stats 2 (s and t once), grad 3 (s, t, ds), JSD +2; a sparse
 teacher: stats 1, grad 2, plus O(K) a row.
@@ -148,7 +149,7 @@ def _hrm_stats_kernel(
     ignore_index,
     SCALED: tl.constexpr,   # T != 1: keep separate statistics for u = s / T
     SOFTCAP: tl.constexpr,
-    HAS_REF: tl.constexpr,  # a dense reference: else no t loads, lse_w = ep = eq = 0
+    HAS_REF: tl.constexpr,  # a dense reference: else no t loads, lse_w = -inf, ep = eq = 0
     REST: tl.constexpr,     # lse_rest: u's logsumexp outside the row's K ids (else lse_rest = lse_u)
     CUT: tl.constexpr,      # u = -inf beyond V_ref (ref_vocab="truncate"); lse_s kept apart
     K_PAD: tl.constexpr,    # next power of 2 >= K (REST)
