@@ -168,9 +168,9 @@ def _hrm_stats_kernel(
     m_s, d_s = zero + NEG_INF, zero
     m_u, d_u, a_u = zero + NEG_INF, zero, zero   # a_u = sum e^(u - m_u) (u - w)
     m_w, d_w, a_w = zero + NEG_INF, zero, zero   # a_w = sum e^(w - m_w) (w - u)
-    m_r, d_r = zero + NEG_INF, zero              # sum-exp of u off the top-k ids (REST)
     sum_s = tl.zeros([BLOCK_V], tl.float32)      # sum_j s_j, for label smoothing
     if REST:  # this row's top-k ids, local to the shard (out-of-shard ids never fall in a block)
+        m_r, d_r = zero + NEG_INF, zero          # sum-exp of u off the ids
         kk = tl.arange(0, K_PAD)
         ids = tl.load(ids_ptr + row * K + kk, mask=kk < K, other=-1).to(tl.int64) - vocab_start
     for start in range(0, V, BLOCK_V):
