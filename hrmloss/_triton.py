@@ -105,10 +105,12 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
 
 
 def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
-    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32."""
+    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32.
+
+    With st.inplace the gradient of s is written into s itself (and s is returned)."""
     B, T_rows, V = s.shape
     N = B * T_rows
-    ds = torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
+    ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B, T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
     dt_arg = dt if ref_grad else ds  # not written unless REF_GRAD
     if N:
