@@ -28,6 +28,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from hrmloss._triton import launch_config, read_config  # noqa: E402
 from hrmloss.kernels import hrm_loss as K  # noqa: E402
 
+from benchmarks.report import replace_section  # noqa: E402
+
 from .sass import loop_report, occupancy  # noqa: E402
 
 MODULE = K.__name__
@@ -151,18 +153,6 @@ def markdown(all_rows):
 
 BEGIN = "<!-- static-cost: written by python -m tests.aot_compile --update; do not edit -->"
 END = "<!-- /static-cost -->"
-
-
-def replace_section(path, begin, end, section):
-    """Put `section` between the markers begin / end of the file at `path` (appended when absent)."""
-    text = open(path).read() if os.path.exists(path) else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-    else:
-        head, tail = text.rstrip("\n") + "\n\n", "\n"
-    with open(path, "w") as f:
-        f.write(f"{head}{begin}\n{section.rstrip()}\n{end}{tail}")
 
 
 def main(argv=None):
