@@ -40,7 +40,8 @@ Instruction budget (docs/performance.md): the two reading passes keep every runn
 thread. A block is a [BLOCK_V // ELEMS, ELEMS] tile whose rows are ELEMS contiguous columns (one 16-byte
 load) owned by one thread; the statistics are [BLOCK_V // ELEMS] vectors, one entry per tile row, updated
 with in-thread reductions along axis 1, and reduced across the block once, after the loop. Exponentials
-are exp2 with log2(e) folded into the scale: 2^(c x - c m) with c = log2(e) / T is one FFMA and one MUFU.
+are exp2 with log2(e) folded into the scale, e^((x - m) / T) = 2^(c (x - m)) with c = log2(e) / T: one
+FADD, one FMUL and one MUFU.EX2 per element and distribution. tests/aot_compile.py counts the result.
 
 Traffic (NVs = bytes of one logits tensor): stats 2 (s and t once), grad 3 (s, t, ds), JSD +2.
 Rows whose label is ignore_index read nothing and get a zero gradient.
