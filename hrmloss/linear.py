@@ -21,7 +21,6 @@ When is the gradient computed? The incoming gradient of the loss decides:
   keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
   the gradient pass with g = grad_output (the matmuls are done twice, the memory stays O(chunk x V)).
 """
-import inspect
 import numbers
 from typing import NamedTuple
 
@@ -32,7 +31,6 @@ from ._core import rows_3d
 from ._frontend import Call
 from ._function import forward_rows, grad_rows
 from ._layout import FINAL
-from ._options import OPTION_NAMES
 
 # Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
 # Every chunk reads and writes the fp32 (V, H) grad_weight accumulator once and reads the (V, H) weight
@@ -287,12 +285,6 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     return _frontend.finish(call, *out, labels)
 
 
-def _option_names():
-    """The keyword-only options of linear_hrm_loss that are not tensors (what LinearHRMLoss stores)."""
-    params = inspect.signature(linear_hrm_loss).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _TENSOR_KEYWORDS + ("num_items",)]
-
-
 class LinearHRMLoss(torch.nn.Module):
     """`linear_hrm_loss` as a module: options at construction (the keywords of linear_hrm_loss, same
     names and defaults), tensors at the call:
@@ -303,13 +295,8 @@ class LinearHRMLoss(torch.nn.Module):
 
     def __init__(self, hrm=1.0, **options):
         super().__init__()
-        unknown = sorted(set(options) - set(_option_names()))
-        if unknown:
-            raise TypeError(f"LinearHRMLoss got unexpected option(s) {unknown}: expected some of "
-                            f"{_option_names()}")
-        self.kwargs = {"hrm": hrm, **options}
-        _frontend.validate_options({k: v for k, v in self.kwargs.items() if k in OPTION_NAMES},
-                                   options.get("return_components", False), options.get("check_finite", False))
+        self.kwargs = _frontend.module_options("LinearHRMLoss", linear_hrm_loss, {"hrm": hrm, **options},
+                                               per_call=_TENSOR_KEYWORDS + ("num_items",))
         _check_chunk_size(options.get("chunk_size"))
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
