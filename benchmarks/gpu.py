@@ -268,7 +268,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a dry run of the code paths)")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ", ".join(PROVIDERS))
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help="comma-separated subset of " + ", ".join(PROVIDERS))
     ap.add_argument("--all-compiled", action="store_true", help="torch.compile at every shape, not only "
                     + ", ".join(f"{n} x {v}" for n, v in sorted(COMPILED_SHAPES)))
     ap.add_argument("--out", help="markdown file whose GPU section (between its markers) to replace")
