@@ -59,6 +59,7 @@ INF = tl.constexpr(float("inf"))
 LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): e^x = 2^(x log2 e)
 LN2 = tl.constexpr(0.6931471805599453)     # ln(2): ln x = ln 2 log2 x
 BIG = tl.constexpr(1.0e38)                 # a finite stand-in for an infinite log-ratio multiplied by 0
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32
 
 # columns of the partial statistics written by the stats pass
 P_LSE_S = tl.constexpr(PARTIAL.lse_s)
@@ -304,8 +305,11 @@ def _xlog_ratio(x, la, lb):
 
 @triton.jit
 def _log_mixture(p, q, beta):
-    # log m = log(beta p + (1 - beta) q), clamped to >= -BIG where m = 0 (then p = q = 0: zero weights)
-    return tl.maximum(_log2(beta * p + (1.0 - beta) * q) * LN2, -BIG)
+    # log m = log(beta p + (1 - beta) q), with m raised to the smallest normal fp32. The log2 flushes a
+    # subnormal argument to 0 (-inf): without the floor, a normal p ~ 1e-38 whose m is subnormal would
+    # weigh a log-ratio of ~1e38 and add ~1 to KL(p||m). With it, p (log p - log m) stays ~p (tiny), and
+    # p = q = 0 meets a finite log m (zero weights, no NaN).
+    return _log2(tl.maximum(beta * p + (1.0 - beta) * q, FLT_MIN)) * LN2
 
 
 @triton.jit
