@@ -11,6 +11,12 @@ def vocab_range(logits, shard):
     return (0, logits.shape[-1]) if shard is None else (shard.vocab_start, shard.vocab_size)
 
 
+def _ref_or_stand_in(logits, ref_logits):
+    """The reference, or for a sparse teacher a (..., 1) stand-in that the passes never read (a fresh
+    tensor: an alias of the logits would meet the in-place backward's mutation)."""
+    return ref_logits if ref_logits is not None else logits.new_empty((*logits.shape[:-1], 1))
+
+
 def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None):
     """Per-row loss, ce, kl, z, the (N, FINAL) final statistics and, for a sparse teacher, the (N, K)
     correction of the gradient at its ids (else None), from the backend's passes.
@@ -22,7 +28,7 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, to
     """
     start, V = vocab_range(logits, shard)
     structure = [int(x) for x in st]
-    t = logits if ref_logits is None else ref_logits  # without a dense reference: never read
+    t = _ref_or_stand_in(logits, ref_logits)
     ids, lps = topk if topk is not None else (None, None)
     partial = _ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights)
     if shard is not None:
@@ -46,13 +52,24 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, to
 
 def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_range_, ref_grad, topk=None,
               corr=None):
-    """(d loss / d logits, d loss / d ref_logits or None), rows weighted by g (N,)."""
-    t = logits if ref_logits is None else ref_logits
+    """(d loss / d logits, d loss / d ref_logits or None), rows weighted by g (N,).
+
+    With st.inplace the first is `logits` itself, overwritten by its gradient. A sparse teacher (`topk`,
+    its (N, K) `corr` from the forward) adds its term at the ids (`_topk.add_correction`)."""
+    t = _ref_or_stand_in(logits, ref_logits)
     g = g.to(final.dtype).contiguous()
-    ds, dt = _ops.grad(logits, t, labels, final, g, params, [int(x) for x in st], backend, *vocab_range_,
-                       ref_grad, None if topk is None else topk.ids)
-    if topk is not None and not st.hrm_zero:
-        ds = _topk.add_correction(ds, logits, topk, corr, g, params, st, vocab_range_[0])
+    at_ids = None
+    if topk is not None and not st.hrm_zero:  # read before an in-place backward overwrites the logits
+        at_ids = _topk.student_at_ids(logits, topk.ids, params, st, vocab_range_[0])
+    args = (labels, final, g, params, [int(x) for x in st], backend, *vocab_range_, ref_grad,
+            None if topk is None else topk.ids)
+    if st.inplace:
+        dt = _ops.grad_inplace(logits, t, *args)
+        ds = logits
+    else:
+        ds, dt = _ops.grad(logits, t, *args)
+    if at_ids is not None:
+        ds = _topk.add_correction(ds, topk, at_ids, corr, g, params, vocab_range_[0])
     return ds, dt if ref_grad else None
 
 
@@ -62,8 +79,9 @@ class HRMLossFunction(torch.autograd.Function):
 
     ce, kl and z are not differentiable. The gradient goes to logits, and to ref_logits when it
     requires grad (computed in the same backward pass; no extra traffic otherwise). With a `shard`
-    (vocabulary-parallel), the forward communicates; the backward does not. `topk` (`_topk.TopK`)
-    replaces ref_logits by a sparse teacher.
+    (vocabulary-parallel), the forward communicates; the backward does not. With st.inplace the
+    gradient of the logits is written into their storage and returned as that tensor. `topk`
+    (`_topk.TopK`) replaces ref_logits by a sparse teacher.
     """
 
     @staticmethod
@@ -79,6 +97,7 @@ class HRMLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         logits, ref_logits, labels, final, params, corr, *topk = ctx.saved_tensors
-        ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, ctx.st, ctx.backend,
+        st = ctx.st._replace(inplace=ctx.st.inplace and ctx.needs_input_grad[0])
+        ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, st, ctx.backend,
                            ctx.vocab_range, ctx.needs_input_grad[1], _topk.TopK(*topk) if topk else None, corr)
         return ds, dt, None, None, None, None, None, None, None

@@ -88,6 +88,7 @@ class Structure(NamedTuple):
     hrm_zero: bool     # hrm is the Python number 0: the backward need not read the reference
     ignore_index: int
     check: int         # bit i set: PARAMS[i] is a run-time value whose range check_params checks
+    inplace: bool      # the backward writes the gradient of the logits into the logits' storage
     has_ref: bool = True   # a dense reference tensor; False: a sparse (top-k) teacher, no reference loads
     rest: bool = False     # sparse teacher: also the student's mass off the top-k ids (PARTIAL.lse_rest)
     tail: bool = False     # sparse teacher, topk_mode="tail" (else "renorm")
@@ -108,6 +109,7 @@ class LossOptions:
     label_smoothing: Value = _value(0.0, 0.0, 1.0, text="0 <= label_smoothing < 1")
     z_loss: Value = _value(0.0, 0.0, text="a finite z_loss >= 0")
     softcap: Optional[Value] = _value(None, 0.0, lo_closed=False, text="None or a finite softcap > 0")
+    inplace_backward: bool = False
     topk_mode: str = "renorm"
     ref_vocab: str = "error"
 
@@ -125,6 +127,8 @@ class LossOptions:
         _choice("backend", self.backend, BACKENDS)
         _choice("topk_mode", self.topk_mode, TOPK_MODES)
         _choice("ref_vocab", self.ref_vocab, REF_VOCABS)
+        if not isinstance(self.inplace_backward, bool):
+            raise TypeError(f"inplace_backward={self.inplace_backward!r}: expected a bool")
 
     def check_topk(self):
         """What a sparse teacher (ref_topk) allows: ValueError naming the option otherwise."""
@@ -157,7 +161,8 @@ class LossOptions:
             # the rest outcome matters unless its teacher probability is 0 and the divergence forward
             rest=topk and (self.topk_mode == "tail" or self.kl == "jsd"),
             tail=topk and self.topk_mode == "tail",
-            cut=cut)
+            cut=cut,
+            inplace=self.inplace_backward)
 
     def params(self, device, dtype):
         """The runtime scalars as one (len(PARAMS),) tensor of `dtype` on `device`.

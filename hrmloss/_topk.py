@@ -115,17 +115,18 @@ def divergence(u, logprobs, partial, params, st, live, vocab_size):
             torch.where(live[:, None], corr, zero))
 
 
-def add_correction(ds, logits, topk, corr, g, params, st, vocab_start):
-    """ds (shaped like logits) += g hrm / T * corr at the ids of this shard, through the soft cap."""
-    _, dcap, owned = student_at_ids(logits, topk.ids, params, st, vocab_start)
+def add_correction(ds, topk, at_ids, corr, g, params, vocab_start):
+    """ds (shaped like the logits, or the logits themselves after an in-place backward) += g hrm / T * corr
+    at the ids of this shard, through the soft cap; at_ids: `student_at_ids` of the logits, read before."""
+    _, dcap, owned = at_ids
     c = params[PARAMS.hrm] / params[PARAMS.temperature]
     add = weigh(c, corr) * g[:, None].to(corr.dtype)
     if dcap is not None:
         add = add * dcap
-    V = ds.shape[-1]
-    local = topk.ids.long() - vocab_start
-    flat = ds.view(-1, V)
-    flat.scatter_add_(1, torch.where(owned, local, 0), torch.where(owned, add, 0.0).to(ds.dtype))
+    ds3, i3 = rows_3d(ds, topk.ids.view(*ds.shape[:-1], topk.ids.shape[-1]))  # views: the scatter writes ds
+    local = i3.long() - vocab_start
+    own3 = owned.view(i3.shape)
+    ds3.scatter_add_(2, torch.where(own3, local, 0), torch.where(own3, add.view(i3.shape), 0.0).to(ds.dtype))
     return ds
 
 

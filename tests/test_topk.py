@@ -194,3 +194,36 @@ def test_torch_compile_fullgraph():
         grads.append((loss.detach(), x.grad))
     close(grads[1][0], grads[0][0], atol=1e-6)
     close(grads[1][1], grads[0][1], atol=1e-6)
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """The Triton launcher splits (6, 5000) rows into 3 ranges for the reading passes, 2 for the gradient
+    (as tests/test_vocab_split.py): the rest mass merges over split rows like any lse."""
+    from hrmloss import _triton
+    monkeypatch.setattr(_triton, "multiprocessor_count", lambda device: 64)
+    monkeypatch.setattr(_triton, "MIN_SPLIT_BLOCKS", 1)
+    assert _triton.vocab_splits(6, 5000, 1024, 64)[0] == 3
+
+
+@pytest.mark.parametrize("mode,kl", [("renorm", "jsd"), ("tail", "forward"), ("tail", "reverse")])
+def test_split_rows(split, mode, kl):
+    s, t, y, ids, lps = make_topk((2, 3, 5000), 12, seed=9)
+    ids[0, 0, :3] = torch.tensor([0, 2047, 4999])  # ids at the ranges' edges
+    check_topk(s, y, ids, lps.clamp(max=-3.0), "triton", hrm=0.5, kl=kl, topk_mode=mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,kl", [("renorm", "forward"), ("tail", "jsd")])
+def test_inplace_backward(backend, mode, kl):
+    # the gradient overwrites the logits (an intermediate result); the term at the ids still lands
+    s, t, y, ids, lps = make_topk((2, 5, 61), 6, seed=10)
+    want = truth_topk(s, y, ids, lps, hrm=0.5, kl=kl, topk_mode=mode)
+    leaf = s.clone().requires_grad_(True)
+    x = leaf * 1.0
+    x.retain_grad()
+    loss = hrmloss.hrm_loss(x, None, y, 0.5, kl=kl, topk_mode=mode, ref_topk=(ids, lps), backend=backend,
+                            inplace_backward=True)
+    loss.backward()
+    close(loss.detach(), want[0])
+    close(leaf.grad, want[4], atol=2e-5)
