@@ -257,18 +257,21 @@ def _hrm_stats_kernel(
         # 1. load one block of each row, in fp32 at once (the student soft-capped if asked); with CUT
         #    the columns past the reference's leave u (su), not lse_s
         s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
-        sum_s += tl.sum(tl.where(mask, s, 0.0), 1)
         if CUT:
             su = tl.where(cols < V_ref, s, NEG_INF)
+            t_mask = mask & (cols < V_ref)
         else:
             su = s
+            t_mask = mask
+        if HAS_REF:
+            t = tl.load(t_row + cols, mask=t_mask, other=NEG_INF).to(tl.float32)
+        sum_s += tl.sum(tl.where(mask, s, 0.0), 1)
         # 2. running maxima (max(c x) = c max(x) for c > 0) and one exp2 per element per distribution
         ms_new = tl.maximum(m_s, tl.max(su, 1))
-        r_u, e_u = _exp2_block(m_s, ms_new, su, c)
-        d_u = d_u * r_u + tl.sum(e_u, 1)
         if HAS_REF:
-            t = tl.load(t_row + cols, mask=mask & (cols < V_ref), other=NEG_INF).to(tl.float32)
             mt_new = tl.maximum(m_t, tl.max(t, 1))
+        r_u, e_u = _exp2_block(m_s, ms_new, su, c)
+        if HAS_REF:
             r_w, e_w = _exp2_block(m_t, mt_new, t, c)
             # 3. the weighted sums of s - t. Where a term's weight is 0 the log-ratio may be infinite
             #    (or NaN at -inf - -inf): clamping it on the side that only meets zero weights keeps
@@ -276,10 +279,13 @@ def _hrm_stats_kernel(
             #    p > 0 facing q = 0 in b_w) stays infinite, or NaN when its weight underflowed; both
             #    mean +inf.
             diff = su - t
+            d_u = d_u * r_u + tl.sum(e_u, 1)
             a_u = a_u * r_u + tl.sum(e_u * tl.maximum(diff, -BIG), 1)
             d_w = d_w * r_w + tl.sum(e_w, 1)
             b_w = b_w * r_w + tl.sum(e_w * tl.minimum(diff, BIG), 1)
             m_t = mt_new
+        else:
+            d_u = d_u * r_u + tl.sum(e_u, 1)
         if CUT:
             mf_new = tl.maximum(m_f, tl.max(s, 1))
             r_s, e_s = _exp2_block(m_f, mf_new, s, c1)
@@ -407,9 +413,11 @@ def _hrm_jsd_kernel(
         cols = start + cols0
         mask = cols < hi_live
         s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        t_mask = mask
         if CUT:
             s = tl.where(cols < V_ref, s, NEG_INF)
-        t = tl.load(t_row + cols, mask=mask & (cols < V_ref), other=NEG_INF).to(tl.float32)
+            t_mask = mask & (cols < V_ref)
+        t = tl.load(t_row + cols, mask=t_mask, other=NEG_INF).to(tl.float32)
         # m = beta p + (1 - beta) q > 0 wherever p > 0 or q > 0. A zero probability is a zero weight:
         # the logs are clamped to >= -BIG so that 0 * (a finite difference) = 0, never NaN.
         lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
@@ -493,8 +501,12 @@ def _hrm_grad_kernel(
         ds -= smooth_per_class
         if CUT:
             su = tl.where(cols < V_ref, s, NEG_INF)
+            t_mask = mask & (cols < V_ref)
+            dt_mask = in_row & (cols < V_ref)
         else:
             su = s
+            t_mask = mask
+            dt_mask = in_row
         if not HAS_REF:
             # 2'. a sparse teacher: the dense part a q of d kl / d u (no reference to read); with REST
             #     only off the ids, where |a q_j| <= q_j + p_rest stays small even when a is huge
@@ -511,7 +523,7 @@ def _hrm_grad_kernel(
             # 2. divergence: the formulas of the module docstring, 0 where the probability is 0; hrm = 0
             #    (c = 0) drops the term instead of multiplying it by 0, since it can be infinite
             if c != 0.0:
-                t = tl.load(t_row + cols, mask=mask & (cols < V_ref), other=NEG_INF).to(tl.float32)
+                t = tl.load(t_row + cols, mask=t_mask, other=NEG_INF).to(tl.float32)
                 lq, lp, q, p = _log_probs(su, t, lse_u, lse_w, inv_temp, SCALED)
                 if KIND == 0:
                     dku = q - p
@@ -526,10 +538,9 @@ def _hrm_grad_kernel(
                 ds += c * dku
                 if REF_GRAD:
                     dt = tl.where(live, g * c * dkw, 0.0)
-                    tl.store(dt_row + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row & (cols < V_ref))
+                    tl.store(dt_row + cols, dt.to(dt_ptr.dtype.element_ty), mask=dt_mask)
             elif REF_GRAD:
-                tl.store(dt_row + cols, tl.zeros([BLOCK_V], dt_ptr.dtype.element_ty),
-                         mask=in_row & (cols < V_ref))
+                tl.store(dt_row + cols, tl.zeros([BLOCK_V], dt_ptr.dtype.element_ty), mask=dt_mask)
         # 3. through the soft cap (d s / d s_raw), scale by g; a dead row writes zeros
         ds = tl.where(live, g * ds * dcap, 0.0)
         tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=in_row)
