@@ -18,7 +18,7 @@ When is the gradient computed? The incoming gradient of the loss decides:
   and the backward only multiplies them, in place, by the grad_output tensor (no host sync). Hence such
   a graph can be backpropagated once (a second backward through it raises).
 - reduction "none": grad_output is an arbitrary per-token tensor, unknown in the forward. The forward
-  keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
+  keeps only the (N, FINAL) final row statistics (and a sparse teacher's (N, K) gradient terms); the backward recomputes the logits chunk by chunk and runs
   the gradient pass with g = grad_output (the matmuls are done twice, the memory stays O(chunk x V)).
 """
 import numbers
@@ -31,6 +31,7 @@ from ._core import rows_3d
 from ._frontend import Call
 from ._function import forward_rows, grad_rows
 from ._layout import FINAL
+from ._topk import TopK, chunk_rows
 
 # Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
 # Every chunk reads and writes the fp32 (V, H) grad_weight accumulator once and reads the (V, H) weight
@@ -40,7 +41,7 @@ from ._layout import FINAL
 # rows to be compute-bound: 256 MiB is 512 rows at V = 128k.
 CHUNK_BYTES = {"cuda": 256 << 20}
 CHUNK_BYTES_DEFAULT = 32 << 20
-_TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
+_TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias", "ref_topk", "token_weights")
 
 
 
@@ -61,9 +62,12 @@ class _Operands(NamedTuple):
     weight: torch.Tensor             # (V, H)
     bias: torch.Tensor | None        # (V,)
     labels: torch.Tensor             # (N,) flat, contiguous
-    ref3: torch.Tensor               # (B', T', V) reference logits, or (B', T', H_ref) reference hidden
-    ref_weight: torch.Tensor | None  # (V, H_ref) when ref3 holds hidden states
-    ref_bias: torch.Tensor | None    # (V,)
+    ref3: torch.Tensor | None        # (B', T', V_ref) reference logits, (B', T', H_ref) reference hidden, or
+                                     # None for a sparse teacher
+    ref_weight: torch.Tensor | None  # (V_ref, H_ref) when ref3 holds hidden states
+    ref_bias: torch.Tensor | None    # (V_ref,)
+    topk: object = None              # a sparse teacher, `_topk.TopK` of flat (N, K) rows, or None
+    weights: torch.Tensor | None = None  # (N,) token weights or None
 
 
 class _Grads(NamedTuple):
@@ -74,10 +78,14 @@ class _Grads(NamedTuple):
     bias: torch.Tensor | None
 
 
-def _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias):
-    (ref3,) = rows_3d(ref_logits if ref_logits is not None else ref_hidden)
+def _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, topk=None, weights=None):
+    ref = ref_logits if ref_logits is not None else ref_hidden
+    ref3 = None if ref is None else rows_3d(ref)[0]
     (h3,) = rows_3d(hidden)
-    return _Operands(h3, weight, bias, labels, ref3, ref_weight, ref_bias)
+    V = weight.shape[0]
+    if ref_weight is not None and ref_weight.shape[0] > V:  # ref_vocab="truncate": only the first V rows
+        ref_weight, ref_bias = ref_weight[:V], None if ref_bias is None else ref_bias[:V]
+    return _Operands(h3, weight, bias, labels, ref3, ref_weight, ref_bias, topk, weights)
 
 
 def _take_rows(x3, r0, r1):
@@ -98,9 +106,12 @@ def _linear(x, weight, bias):
 def _chunk_logits(ops, r0, r1):
     """(h, s, t) of rows [r0, r1): hidden (c, H), student and reference logits (c, V)."""
     h = _take_rows(ops.h3, r0, r1)
+    s = _linear(h, ops.weight, ops.bias)
+    if ops.ref3 is None:  # a sparse teacher
+        return h, s, None
     ref = _take_rows(ops.ref3, r0, r1)
-    t = ref if ops.ref_weight is None else _linear(ref, ops.ref_weight, ops.ref_bias)
-    return h, _linear(h, ops.weight, ops.bias), t
+    t = ref[:, :s.shape[-1]] if ops.ref_weight is None else _linear(ref, ops.ref_weight, ops.ref_bias)
+    return h, s, t
 
 
 def _backprop(ops, grads, h, ds, r0, r1):
@@ -115,27 +126,33 @@ def _backprop(ops, grads, h, ds, r0, r1):
         grads.bias.add_(ds.sum(0, dtype=torch.float32))
 
 
-def _chunk_grad(s, t, y, final, g, call):
+def _chunk_grad(s, t, y, final, g, call, topk=None, corr=None):
     """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass."""
-    return grad_rows(s, t, y, final, g, call.params, call.st, call.backend, (0, s.shape[-1]), False)[0]
+    return grad_rows(s, t, y, final, g, call.params, call.st, call.backend, (0, s.shape[-1]), False, topk, corr)[0]
 
 
 def _forward_chunk(ops, call, r0, r1, rows, g, grads):
-    """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32 row
-    weight) also the gradients with that weight on every row. Its (c, V) temporaries die when it returns."""
+    """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, z, final[, the sparse teacher's
+    correction]); with g (fp32 row weight: 0-dim, or (N,) with token weights) also the gradients with
+    that weight. Its (c, V) temporaries die when it returns."""
     h, s, t = _chunk_logits(ops, r0, r1)
     y = ops.labels[r0:r1]
-    out = forward_rows(s, t, y, call.params, call.st, call.backend)
+    topk = chunk_rows(ops.topk, r0, r1)
+    weights = None if ops.weights is None else ops.weights[r0:r1]
+    out = forward_rows(s, t, y, call.params, call.st, call.backend, None, topk, weights)
     for buf, x in zip(rows, out):
         buf[r0:r1] = x
     if g is not None:
-        _backprop(ops, grads, h, _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0), call), r0, r1)
+        g = g.expand(r1 - r0) if g.dim() == 0 else g[r0:r1]
+        _backprop(ops, grads, h, _chunk_grad(s, t, y, out[4], g, call, topk, out[5]), r0, r1)
 
 
-def _backward_chunk(ops, call, r0, r1, final, g, grads):
+def _backward_chunk(ops, call, r0, r1, final, corr, g, grads):
     """Recompute the logits of rows [r0, r1) and backpropagate per-row weights g (c,) fp32."""
     h, s, t = _chunk_logits(ops, r0, r1)
-    _backprop(ops, grads, h, _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, call), r0, r1)
+    _backprop(ops, grads, h, _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, call,
+                                         chunk_rows(ops.topk, r0, r1), None if corr is None else corr[r0:r1]),
+              r0, r1)
 
 
 def _new_grads(ops, want_hidden, want_weight, want_bias):
@@ -163,27 +180,34 @@ class LinearHRMLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan):
+    def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan,
+                topk_ids=None, topk_logprobs=None, weights=None):
         call = plan.call
         reduction = call.opts.reduction
-        ops = _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias)
+        topk = None if topk_ids is None else TopK(topk_ids, topk_logprobs)
+        ops = _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, topk, weights)
         n = labels.shape[0]
         rows = (*(labels.new_empty((n,), dtype=call.params.dtype) for _ in range(4)),
                 labels.new_empty((n, len(FINAL)), dtype=call.params.dtype))
+        if topk is not None:  # the sparse teacher's gradient term at its ids, per row
+            rows += (labels.new_empty(topk_ids.shape, dtype=call.params.dtype),)
         live = labels != call.st.ignore_index
         wants = [plan.grad_enabled and w for w in ctx.needs_input_grad[:3]]
         ctx.eager = any(wants) and reduction != "none"
         grads = _new_grads(ops, *wants) if ctx.eager else None
-        g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
+        g = _frontend.row_weight(live, reduction, call.num_items, weights) if ctx.eager else None
         for r0 in range(0, n, plan.chunk):
             _forward_chunk(ops, call, r0, min(r0 + plan.chunk, n), rows, g, grads)
-        loss_rows, ce, kl, z, final = rows
+        loss_rows, ce, kl, z, final = rows[:5]
+        corr = rows[5] if topk is not None else None
         ctx.grads, ctx.plan, ctx.hidden_shape, ctx.weight_dtype = grads, plan, hidden.shape, weight.dtype
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias,
-                                  final)
+                                  topk_ids, topk_logprobs, weights, final, corr)
         ctx.mark_non_differentiable(ce, kl, z)
-        return _frontend.reduce_rows(loss_rows, live, reduction, call.num_items), ce, kl, z
+        if reduction == "none":  # per row, unweighted: the front end's finish weighs them (and autograd)
+            return loss_rows, ce, kl, z
+        return _frontend.reduce_rows(loss_rows, live, reduction, call.num_items, weights), ce, kl, z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -198,18 +222,20 @@ class LinearHRMLossFunction(torch.autograd.Function):
             go = grad_loss.float()
             grads = _Grads(*(None if x is None else x.mul_(go) for x in grads))
         else:          # "none": recompute the logits chunk by chunk, backpropagate the per-row grad_loss
-            *tensors, final = ctx.saved_tensors
-            ops, plan = _operands(*tensors), ctx.plan
+            *tensors, ids, lps, weights, final, corr = ctx.saved_tensors
+            plan = ctx.plan
+            topk = None if ids is None else TopK(ids, lps)
+            ops = _operands(*tensors, topk, weights)
             grads = _new_grads(ops, *ctx.needs_input_grad[:3])
-            g, n = grad_loss.float().contiguous(), final.shape[0]
+            g, n = grad_loss.float().contiguous(), final.shape[0]  # token weights: in grad_loss already
             for r0 in range(0, n, plan.chunk):
                 r1 = min(r0 + plan.chunk, n)
-                _backward_chunk(ops, plan.call, r0, r1, final, g[r0:r1], grads)
+                _backward_chunk(ops, plan.call, r0, r1, final, corr, g[r0:r1], grads)
         gh, gw, gb = grads
         gh = None if gh is None else gh.view(ctx.hidden_shape)
         gw = None if gw is None else gw.to(ctx.weight_dtype)
         gb = None if gb is None else gb.to(ctx.weight_dtype)
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,7 +256,8 @@ def _detach(x):
 def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=None, ref_hidden=None,
                     ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
                     reduction="mean", return_components=False, chunk_size=None, backend="auto",
-                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, check_finite=False):
+                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, check_finite=False,
+                    ref_topk=None, topk_mode="renorm", ref_vocab="error", token_weights=None):
     """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
 
     With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (docs/design.md §1):
@@ -259,6 +286,10 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
             chunk by chunk too. Exactly one of the two forms. The reference side is a constant.
         kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
         num_items, check_finite: as in `hrm_loss` (the value options may be 0-dim tensors there too).
+        ref_topk, topk_mode: a sparse teacher instead of a dense reference, as in `hrm_loss`.
+        ref_vocab: "truncate" lets ref_logits / ref_weight have V_ref != V classes (as in `hrm_loss`;
+            with ref_weight of more rows only its first V are multiplied).
+        token_weights: (...) = labels.shape, >= 0, as in `hrm_loss`.
         return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
         chunk_size: tokens per chunk; None picks the most rows whose fp32 logits fit in 32 MiB (CPU) or
             256 MiB (CUDA), at least 1 and at most N (`auto_chunk_rows`).
@@ -270,19 +301,25 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
     _check_chunk_size(chunk_size)
-    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias)
+    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, ref_vocab,
+                           topk=ref_topk is not None)
+    V = weight.shape[0]
+    topk = _frontend.check_topk(ref_topk, labels, V)
+    weights = _frontend.check_weights(token_weights, labels)
+    V_ref = V if topk is not None else (ref_logits.shape[-1] if ref_logits is not None else ref_weight.shape[0])
     call = _frontend.make_call(
         dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap),
+             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, topk_mode=topk_mode,
+             ref_vocab=ref_vocab),
         hidden.device, (hidden.dtype,), return_components=return_components, num_items=num_items,
-        check_finite=check_finite)
+        check_finite=check_finite, topk=topk is not None, cut=V_ref < V)
     flat = labels.reshape(-1).contiguous()
-    V = weight.shape[0]
     chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V, hidden.device)
     plan = _Plan(call, int(chunk), torch.is_grad_enabled())
     out = LinearHRMLossFunction.apply(
-        hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
-    return _frontend.finish(call, *out, labels)
+        hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan,
+        *(topk if topk is not None else (None, None)), weights)
+    return _frontend.finish(call, *out, labels, weights)
 
 
 class LinearHRMLoss(torch.nn.Module):
@@ -290,7 +327,7 @@ class LinearHRMLoss(torch.nn.Module):
     names and defaults), tensors at the call:
 
         forward(hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
-                ref_bias=None)
+                ref_bias=None, num_items=None, ref_topk=None, token_weights=None)
     """
 
     def __init__(self, hrm=1.0, **options):
@@ -300,9 +337,10 @@ class LinearHRMLoss(torch.nn.Module):
         _check_chunk_size(options.get("chunk_size"))
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
-                ref_bias=None, num_items=None):
+                ref_bias=None, num_items=None, ref_topk=None, token_weights=None):
         return linear_hrm_loss(hidden, weight, labels, bias=bias, ref_logits=ref_logits, ref_hidden=ref_hidden,
-                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, **self.kwargs)
+                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, ref_topk=ref_topk,
+                               token_weights=token_weights, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
