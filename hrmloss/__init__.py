@@ -5,7 +5,8 @@ from .loss import HRMLoss, HRMLossOutput, hrm_loss
 # Tools for reading runs, loaded on first use so that `import hrmloss` never imports scipy / matplotlib / tqdm.
 _LAZY = {
     "PositionLoss": "analysis", "PowerLawFit": "analysis", "CurvePrediction": "analysis",
-    "fit_power_law": "analysis", "predict_curve": "analysis",
+    "fit_power_law": "analysis", "predict_curve": "analysis", "fit_scaling_law": "analysis",
+    "ScalingLawFit": "analysis",
     "plot_hrm_sweep": "plots", "plot_position_loss": "plots", "plot_test_loss": "plots",
     "plot_pred_vs_real": "plots", "plot_demo": "plots",
 }
