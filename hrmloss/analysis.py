@@ -177,6 +177,15 @@ def _num(v):
     return f"{v:.2f}" if abs(v) < 1 else f"{v:.1f}"
 
 
+def smooth_window(n, window=None):
+    """The window `smooth` uses on n points: `window` (default n // 25), at most n, odd (rounded down)."""
+    window = max(1, n // 25) if window is None else window
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window={window!r}: expected a positive int")
+    window = min(int(window), n)
+    return window - (1 - window % 2) if window > 0 else 0
+
+
 def smooth(y, window=None):
     """Centred rolling median of a noisy curve (what the charts draw as "Real", bold).
 
@@ -185,11 +194,7 @@ def smooth(y, window=None):
     window // 2 + 1 points. A median, unlike a mean, ignores loss spikes.
     """
     y = np.asarray(y, dtype=np.float64)
-    window = max(1, y.size // 25) if window is None else int(window)
-    if window < 1:
-        raise ValueError(f"window={window!r}: expected a positive int")
-    window = min(window, y.size)
-    window -= 1 - window % 2  # odd, so that the window is centred
+    window = smooth_window(y.size, window)
     if window <= 1:
         return y.copy()
     from ._extras import require
@@ -541,17 +546,19 @@ def _law_terms(theta, logn, logd, gidx):
     return z, logsumexp(z, axis=0) + np.concatenate([[0.0], theta[5:]])[gidx]
 
 
-def _huber_objective(theta, logn, logd, gidx, logl, delta):
-    """Mean Huber loss of the log residuals, divided by delta (so it is O(|r|)), and its gradient."""
-    from scipy.special import huber, softmax
+def _law_residuals(theta, logn, logd, gidx, logl):
+    """Log residuals log L_hat - log L of the law (see `_law_terms`)."""
+    return _law_terms(theta, logn, logd, gidx)[1] - logl
 
-    z, pred = _law_terms(theta, logn, logd, gidx)
-    r = pred - logl
-    psi = np.clip(r, -delta, delta) / (delta * r.size)
-    w = softmax(z, axis=0) * psi
-    grad = [w[0].sum(), w[1].sum(), -(w[1] * logn).sum(), w[2].sum(), -(w[2] * logd).sum()]
-    grad = np.concatenate([grad, np.bincount(gidx, psi, minlength=theta.size - 4)[1:]])
-    return huber(delta, r).sum() / (delta * r.size), grad
+
+def _law_jacobian(theta, logn, logd, gidx, logl):
+    """d log L_hat / d theta: the softmax weights w of the three terms, times 1 or -log N' / -log D'."""
+    from scipy.special import softmax
+
+    w = softmax(_law_terms(theta, logn, logd, gidx)[0], axis=0)
+    cols = [w[0], w[1], -w[1] * logn, w[2], -w[2] * logd]
+    cols += [(gidx == k).astype(np.float64) for k in range(1, theta.size - 4)]
+    return np.stack(cols, axis=1)
 
 
 def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False, huber_delta=1e-3,
@@ -565,7 +572,8 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
 
         sum_i Huber_delta(log k_g(i) + LSE(e, a - alpha log N'_i, b - beta log D'_i) - log L_i)
 
-    with L-BFGS-B from a grid of 72 starts, keeping the best; E = exp(e), A = exp(a) N_ref^alpha,
+    (scipy's `least_squares`, loss="huber", f_scale=delta) from a grid of 72 starts, keeping the best;
+    E = exp(e), A = exp(a) N_ref^alpha,
     B = exp(b) D_ref^beta (so E, A, B > 0), alpha and beta in `exponent_bounds`, e >= log(1e-4 min L).
     Every point of a run's curve is one (N, D, L) observation. With `group_factor`, each group after
     the first has a factor k_g = exp(log k_g) on the whole loss (e.g. a context length or data mix).
@@ -630,16 +638,18 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
     n_ref, d_ref = np.exp(np.log(big_n).mean()), np.exp(np.log(big_d).mean())
     logn, logd, logl = np.log(big_n / n_ref), np.log(big_d / d_ref), np.log(big_l)
     m = float(big_l.min())
-    bounds = [(math.log(1e-4 * m), None), (None, None), (lo_x, hi_x), (None, None), (lo_x, hi_x)] + [(None, None)] * n_k
+    lower = [math.log(1e-4 * m), -np.inf, lo_x, -np.inf, lo_x] + [-np.inf] * n_k
+    upper = [np.inf, np.inf, hi_x, np.inf, hi_x] + [np.inf] * n_k
 
     def solve(x0, idx):
-        args = (logn[idx], logd[idx], gidx[idx], logl[idx], huber_delta)
-        return opt.minimize(_huber_objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds)
+        # scipy's robust "huber" loss with f_scale = delta is Huber_delta of the residuals.
+        return opt.least_squares(_law_residuals, np.clip(x0, lower, upper), jac=_law_jacobian, bounds=(lower, upper),
+                                 loss="huber", f_scale=huber_delta, args=(logn[idx], logd[idx], gidx[idx], logl[idx]))
 
     everything = np.arange(big_l.size)
     starts = [np.array([e, a, al, b, be] + [0.0] * n_k) for al in (0.2, 0.5, 1.0) for be in (0.2, 0.5, 1.0)
               for e in np.log([0.5 * m, 0.9 * m]) for a in np.log([0.1 * m, m]) for b in np.log([0.1 * m, m])]
-    best = min((solve(s, everything) for s in starts), key=lambda r: r.fun)
+    best = min((solve(s, everything) for s in starts), key=lambda r: r.cost)
 
     def natural(theta):
         e, a, al, b, be = theta[:5]
@@ -660,9 +670,7 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
     _, pred_log = _law_terms(best.x, logn, logd, gidx)
     sst = float(np.sum((big_l - big_l.mean()) ** 2))
     r2 = 1 - float(np.sum((np.exp(pred_log) - big_l) ** 2)) / sst if sst > 0 else float("nan")
-    at_bound = [any(b is not None and abs(t - b) <= 1e-6 * (1 + abs(b)) for b in bnd)
-                for t, bnd in zip(best.x, bounds)]
-    flags = _quality(keys, values, errors, at_bound, r2, big_l.size, min_r2)
+    flags = _quality(keys, values, errors, best.active_mask != 0, r2, big_l.size, min_r2)
     fitted_n = sorted({rows[i][1] for i in fitted})
     if len(fitted_n) < 3:
         flags.append("few_sizes")
