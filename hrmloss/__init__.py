@@ -7,8 +7,10 @@ _LAZY = {
     "PositionLoss": "analysis", "PowerLawFit": "analysis", "CurvePrediction": "analysis",
     "fit_power_law": "analysis", "predict_curve": "analysis", "fit_scaling_law": "analysis",
     "ScalingLawFit": "analysis",
+    "FLAGS": "analysis", "smooth": "analysis",
     "plot_hrm_sweep": "plots", "plot_position_loss": "plots", "plot_test_loss": "plots",
-    "plot_pred_vs_real": "plots", "plot_demo": "plots",
+    "plot_pred_vs_real": "plots", "plot_grid": "plots",
+    "read_runs": "runlogs", "report": "reports", "fit_grid": "reports",
 }
 
 __all__ = ["HRMLoss", "HRMLossOutput", "LinearHRMLoss", "hrm_loss", "linear_hrm_loss", *_LAZY]

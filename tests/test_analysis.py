@@ -325,15 +325,18 @@ def test_import_hrmloss_does_not_import_plotting_or_fitting_libraries():
     # torch itself may import tqdm (when installed), so compare with what `import torch` loaded.
     code = ("import sys, torch; heavy = ('matplotlib', 'scipy', 'tqdm'); before = {m for m in heavy if m in sys.modules}; "
             "import hrmloss; new = [m for m in heavy if m in sys.modules and m not in before]; assert not new, new; "
-            "hrmloss.fit_power_law; assert 'scipy' not in before and 'matplotlib' not in sys.modules")
+            "hrmloss.fit_power_law, hrmloss.read_runs, hrmloss.fit_scaling_law; "
+            "assert 'scipy' not in before and 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_lazy_exports_are_the_module_objects():
-    from hrmloss import analysis, plots
+    from hrmloss import analysis, plots, reports, runlogs
 
     assert hrmloss.fit_power_law is analysis.fit_power_law
+    assert hrmloss.fit_scaling_law is analysis.fit_scaling_law
     assert hrmloss.PositionLoss is analysis.PositionLoss
-    assert hrmloss.plot_demo is plots.plot_demo
+    assert hrmloss.plot_grid is plots.plot_grid
+    assert hrmloss.read_runs is runlogs.read_runs and hrmloss.report is reports.report
     with pytest.raises(AttributeError):
         hrmloss.not_a_name
