@@ -451,17 +451,18 @@ def _check_runs(runs):
         if not isinstance(r, dict) or not {"N", "tokens", "loss"} <= set(r):
             raise ValueError(f"runs[{i}]: expected a dict with 'N', 'tokens', 'loss' (and optional 'group', "
                              f"'name'), got {r!r:.80}")
+        where = f"runs[{i}]" + (f" ({r['name']})" if r.get("name") else "")
         n = r["N"]
         if isinstance(n, bool) or not isinstance(n, (int, float, np.number)) or not (math.isfinite(n) and n > 0):
-            raise ValueError(f"runs[{i}]['N']={n!r}: expected a positive number of parameters")
+            raise ValueError(f"{where}['N']={n!r}: expected a positive number of parameters")
         try:
             d, loss = _host_xy(r["tokens"], r["loss"], 2)
         except ValueError as e:
-            raise ValueError(f"runs[{i}] (tokens, loss): {e}") from None
+            raise ValueError(f"{where} (tokens, loss): {e}") from None
         if (loss <= 0).any():
-            raise ValueError(f"runs[{i}]['loss']: expected losses > 0 (the law is fitted on log L)")
+            raise ValueError(f"{where}['loss']: expected losses > 0 (the law is fitted on log L)")
         if (np.diff(d) <= 0).any():
-            raise ValueError(f"runs[{i}]['tokens']: expected strictly increasing token counts")
+            raise ValueError(f"{where}['tokens']: expected strictly increasing token counts")
         group = r.get("group")
         name = r.get("name") or f"N={float(n):.3g}" + (f", {group}" if group is not None else "")
         out.append((str(name), float(n), group, d, loss))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import _host_xy, fit_power_law, log_bins, predict_curve, smooth, smooth_window
+from .analysis import CurvePrediction, _host_xy, fit_power_law, log_bins, predict_curve, smooth, smooth_window
 
 STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 8,
          "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -158,7 +158,8 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
 
     Args:
         panels: {title: {"step": (k,) steps > 0, "loss": (k, T) per-position losses (NaN skipped),
-            optional "positions": (T,) token indices (default 1..T)}}, one panel each.
+            optional "positions": (T,) token indices (default 1..T), optional "fits": the curves'
+            `position_fits` when already made}}, one panel each.
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LogNorm
@@ -177,14 +178,15 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
         pos = np.arange(1, curves.shape[1] + 1) if p.get("positions") is None else np.asarray(p["positions"], float)
         if pos.shape != (curves.shape[1],):
             raise ValueError(f"panels[{title!r}]['positions'].shape={pos.shape}: expected ({curves.shape[1]},)")
-        checked[title] = (steps, curves, pos)
+        fits = p.get("fits")
+        checked[title] = (steps, curves, pos, position_fits(steps, curves, pos) if fits is None else fits)
     ncols = min(2, len(checked))
     nrows = -(-len(checked) // ncols)
     written = []
     with _chart(path, nrows, ncols, 5.6, 3.9, formats, written) as (fig, axes):
-        for ax, (title, (steps, curves, pos)) in zip(axes.flat, checked.items()):
+        for ax, (title, (steps, curves, pos, fits)) in zip(axes.flat, checked.items()):
             sm = ScalarMappable(norm=LogNorm(steps.min(), max(steps.max(), steps.min() * 1.01)), cmap="viridis")
-            for step, y, f in zip(steps, curves, position_fits(steps, curves, pos)):
+            for step, y, f in zip(steps, curves, fits):
                 ok = np.isfinite(y)
                 color = sm.to_rgba(step)
                 ax.plot(pos[ok], y[ok], color=color, lw=0.9, alpha=0.75)
@@ -266,11 +268,11 @@ def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, formats=FORM
     the whole range with its band; a prediction that is not ok is grey with its flags in the legend.
 
     Args:
-        runs: {name: (tokens (n,), losses (n,))}, tokens > 0.
+        runs: {name: (tokens (n,), losses (n,))}, tokens > 0; or {name: CurvePrediction} already made.
     """
     if not runs:
         raise ValueError("runs: expected at least one run")
-    preds = {name: predict_curve(x, y, fit_fraction) for name, (x, y) in runs.items()}
+    preds = {name: v if isinstance(v, CurvePrediction) else predict_curve(*v, fit_fraction) for name, v in runs.items()}
     unit, xlabel = _token_unit(max(p.x.max() for p in preds.values()))
     written = []
     with _chart(path, 1, len(preds), 3.4, 3.0, formats, written) as (fig, axes):

@@ -58,15 +58,15 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
 
     with_pos = [r for r in runs if r.positions is not None]
     if with_pos:
-        panels = {r.name: r.positions for r in with_pos}
+        panels = {r.name: r.positions | {"fits": plots.position_fits(r.positions["step"], r.positions["loss"])}
+                  for r in with_pos}
         paths += plots.plot_position_loss(panels, out / "position_loss", formats=formats)
         lines.append("per-position test loss, L(T) = a + b * T^-c fitted on log-spaced bins of T:")
-        for r in with_pos:
-            fits = plots.position_fits(r.positions["step"], r.positions["loss"])
-            doc["position_fits"][r.name] = {f"{s:g}": f.to_dict() for s, f in zip(r.positions["step"], fits) if f}
-            lines.append(f"  {r.name}:")
+        for name, p in panels.items():
+            doc["position_fits"][name] = {f"{s:g}": f.to_dict() for s, f in zip(p["step"], p["fits"]) if f}
+            lines.append(f"  {name}:")
             lines += [f"    step {s:>6g}: {f.formula()}, R^2 {f.r2:.2f}{_flag_text(f)}"
-                      for s, f in zip(r.positions["step"], fits) if f]
+                      for s, f in zip(p["step"], p["fits"]) if f]
     else:
         notes.append("(b) position_loss skipped: these logs hold no per-position losses (records with a "
                      "position_loss list, see hrmloss.runlogs)")
@@ -80,18 +80,17 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     else:
         notes.append("(c) test_loss skipped: no run logs an eval / test loss")
 
-    curves = {}
+    preds = {}
     for r in runs:
         if "loss" in r.series and r.series["loss"][0].size >= 10:
             try:
-                curves[r.name] = (r.tokens("loss"), r.series["loss"][1])
+                preds[r.name] = predict_curve(r.tokens("loss"), r.series["loss"][1], fit_fraction)
             except ValueError as e:
                 notes.append(f"pred_vs_real skips {r.name!r}: {e}")
-    if curves:
-        paths += plots.plot_pred_vs_real(curves, out / "pred_vs_real", fit_fraction=fit_fraction, formats=formats)
+    if preds:
+        paths += plots.plot_pred_vs_real(preds, out / "pred_vs_real", formats=formats)
         lines.append(f"Pred vs Real: L(D) = E + B * D^-beta fitted on the first {fit_fraction:.0%} of tokens:")
-        for name, (x, y) in curves.items():
-            p = predict_curve(x, y, fit_fraction)
+        for name, p in preds.items():
             d = p.to_dict()
             doc["predictions"][name] = {k: d[k] for k in ("fit", "ok", "flags", "mae", "final_rel_err", "extrapolation")}
             lines.append(f"  {name:>14}: {p.fit.formula()}, R^2 {p.fit.r2:.2f}, held-out mean abs error {p.mae:.3f}, "
