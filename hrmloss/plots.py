@@ -186,6 +186,7 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
     with _chart(path, nrows, ncols, 5.6, 3.9, formats, written) as (fig, axes):
         for ax, (title, (steps, curves, pos, fits)) in zip(axes.flat, checked.items()):
             sm = ScalarMappable(norm=LogNorm(steps.min(), max(steps.max(), steps.min() * 1.01)), cmap="viridis")
+            weak = {}  # flags -> the steps whose fit has them: one legend entry each
             for step, y, f in zip(steps, curves, fits):
                 ok = np.isfinite(y)
                 color = sm.to_rgba(step)
@@ -195,7 +196,10 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
                 if f.ok:
                     ax.plot(pos[ok], f(pos[ok]), color=color, label=f"step {step:g}: {f.formula()}", **FIT)
                 else:
-                    ax.plot(pos[ok], f(pos[ok]), label=f"step {step:g}: no fit ({', '.join(f.flags)})", **WEAK)
+                    ax.plot(pos[ok], f(pos[ok]), **WEAK)
+                    weak.setdefault(f.flags, []).append(f"{step:g}")
+            for flags, at in weak.items():
+                ax.plot([], [], label=f"step{'s' * (len(at) > 1)} {', '.join(at)}: no fit ({', '.join(flags)})", **WEAK)
             ax.set_xscale("log")
             ax.set_xlabel("Token index T")
             ax.set_ylabel("Test loss at position T")
@@ -211,9 +215,10 @@ def _fit_legend(ax):
     from matplotlib.lines import Line2D
 
     handles, labels = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color="0.3", lw=0.9), Line2D([], [], color="0.3", **FIT)]
-    labels += ["measured (colour: step)", "fit a + b * T^-c"]
-    ax.legend(handles, labels, loc="upper right", fontsize=6.5)
+    handles = [Line2D([], [], color="0.3", lw=0.9), Line2D([], [], color="0.3", **FIT)] + handles
+    labels = ["measured (colour: step)", "fit a + b * T^-c (grey: not ok)"] + labels
+    # Below the axes, so that it never hides a curve.
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=6.5)
 
 
 def plot_test_loss(panels, path, *, ylabel="Test loss", formats=FORMATS):
@@ -292,7 +297,7 @@ def _weak_legend(ax):
     """On panels after the first (which explains every style): only a grey fit's reason."""
     weak = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels()) if "not ok" in lab]
     if weak:
-        ax.legend(*zip(*weak), loc="upper right")
+        ax.legend(*zip(*weak), loc="best")
 
 
 def plot_grid(runs, law, path, *, window=None, formats=FORMATS):
