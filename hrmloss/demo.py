@@ -12,7 +12,8 @@
    report.json) and `summary.txt` (the run, the fits, and which of them are too weak to read).
 
 `--grid` (`run_grid`): models of 3 sizes x 2 context lengths trained from scratch on domain B, one
-scaling law fitted across them (`reports.fit_grid`): `grid.json`, chart (d) `grid.png/svg`,
+scaling law with a factor per context length fitted across them (`reports.fit_grid`, the same as
+`hrmloss fit-grid grid.json --group-factor`): `grid.json`, chart (d) `grid.png/svg`,
 `scaling_law.json` and `summary.txt`.
 
 The defaults are sized for a 2-core CPU; on CUDA `for_device()` switches to a context of 512, a
@@ -56,7 +57,7 @@ class DemoConfig:
     ref_lr: float = 1e-2
     lr: float = 3e-3
     n_evals: int = 7            # log-spaced evaluation steps per run (the last included)
-    eval_windows: int = 512     # held-out windows of domain A (the per-position chart needs many)
+    eval_windows: int = 1024    # held-out windows of domain A (the per-position chart needs many)
     eval_windows_b: int = 192   # held-out windows of domain B, for the fine-tuning runs
     corpus_bytes: int = 1 << 20  # at most this many bytes per domain
     fit_fraction: float = 0.4   # share of the tokens range used to fit the "Pred" curves
@@ -379,7 +380,7 @@ class GridConfig:
     """
 
     widths: tuple = (32, 64, 128)
-    contexts: tuple = (64, 256)
+    contexts: tuple = (64, 128)
     n_layer: int = 2
     n_head: int = 4
     tokens_per_step: int = 2048
@@ -461,7 +462,7 @@ def run_grid(out="hrmloss-grid", cfg=None, *, formats=("png", "svg")):
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps(results, indent=1))
     paths, text, _ = reports.fit_grid(read_runs(out / "grid.json"), out, fit_fraction=cfg.fit_fraction,
-                                      formats=formats)
+                                      group_factor=True, formats=formats)
     head = (f"hrmloss demo --grid: {len(cfg.widths)} widths {cfg.widths} x contexts {cfg.contexts}, {cfg.n_layer} "
             f"layers, {cfg.steps} steps of {cfg.tokens_per_step} tokens on domain B, device {results['config']['device']}, "
             f"{results['seconds']:.0f} s of training\n")

@@ -45,7 +45,8 @@ def _chart(path, nrows, ncols, width, height, formats, written, **subplots):
         path.parent.mkdir(parents=True, exist_ok=True)
         for fmt in formats:
             written.append(path.with_suffix(f".{fmt}"))
-            fig.savefig(written[-1], dpi=110, metadata={"Date": None} if fmt == "svg" else None)
+            fig.savefig(written[-1], dpi=100, metadata={"Date": None} if fmt == "svg" else None,
+                        pil_kwargs={"optimize": True} if fmt == "png" else None)
 
 
 def _check_formats(formats):
