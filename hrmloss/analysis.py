@@ -106,6 +106,9 @@ MAX_EXTRAPOLATION = 10.0
 """A prediction further than this factor beyond the fitted range (in tokens, or in N) is `extrapolated`."""
 POINTS_PER_PARAMETER = 3
 """Fewer fitted points than this many per parameter is `few_points`."""
+SKIP_FRACTION = 0.05
+"""Loss-curve fits leave out each run's first 5 % of tokens by default: the fall from the initial loss
+(log V) and the learning-rate warm-up, which no power law of D describes (as D -> 0 it diverges)."""
 
 FLAGS = {
     "few_points": f"fewer than {POINTS_PER_PARAMETER} fitted points per parameter",
@@ -142,6 +145,13 @@ def _check_fraction(name, v, closed=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1 if closed else 0 < v < 1):
         raise ValueError(f"{name}={v!r}: expected a number in (0, 1{']' if closed else ')'}")
     return float(v)
+
+
+def _check_skip(skip_fraction, fit_fraction):
+    if (isinstance(skip_fraction, bool) or not isinstance(skip_fraction, (int, float))
+            or not 0 <= skip_fraction < fit_fraction):
+        raise ValueError(f"skip_fraction={skip_fraction!r}: expected a number in [0, fit_fraction={fit_fraction})")
+    return float(skip_fraction)
 
 
 def _check_exponent_range(name, bounds):
@@ -363,8 +373,8 @@ class CurvePrediction:
     """A loss curve fitted on its early part and extrapolated to the rest.
 
     x, y: the whole curve; pred: the fit evaluated at every x, with its ~95 % band (lo, hi, from the
-    fit's covariance); fit_mask: the points used for the fit. mae / max_abs_err: over the held-out
-    points; final_rel_err: median of (pred - y) / y over the last 5 % of points (at least one).
+    fit's covariance); fit_mask: the points used for the fit. mae / max_abs_err: over the points after
+    the fitted range; final_rel_err: median of (pred - y) / y over the last 5 % of points (at least one).
     extrapolation: max x / max fitted x. flags: the fit's flags, plus `extrapolated` when
     extrapolation > max_extrapolation; `ok` is `not flags`.
     """
@@ -403,18 +413,19 @@ def _final_rel_err(pred, y):
     return float(np.median((pred[-tail:] - y[-tail:]) / y[-tail:]))
 
 
-def predict_curve(steps_or_tokens, losses, fit_fraction=0.3, *, beta_bounds=EXPONENT_RANGE, min_r2=MIN_R2,
-                  max_extrapolation=MAX_EXTRAPOLATION):
+def predict_curve(steps_or_tokens, losses, fit_fraction=0.3, *, skip_fraction=SKIP_FRACTION, beta_bounds=EXPONENT_RANGE,
+                  min_r2=MIN_R2, max_extrapolation=MAX_EXTRAPOLATION):
     """Fit `L(D) = E + B * D**-beta` on the early part of a loss curve and predict the rest.
 
     The form is the data term of the Chinchilla scaling law (Hoffmann et al. 2022): E >= 0 is the
     irreducible loss, B >= 0 the part that more data (D = steps or tokens trained) removes, beta in
-    `beta_bounds`. The fit uses the points with D <= fit_fraction * max(D) (at least 3 of them) and
-    `fit_power_law`; the prediction is compared with what happened on the other points.
+    `beta_bounds`. The fit uses the points with skip_fraction * max(D) <= D <= fit_fraction * max(D) (at
+    least 3 of them) and `fit_power_law`; the prediction is compared with what happened after them.
 
     Args:
         steps_or_tokens: (n,) positive, finite, increasing. losses: (n,) finite.
-        fit_fraction: 0 < fit_fraction < 1, the share of the D range used for the fit.
+        fit_fraction: 0 < fit_fraction < 1, the share of the D range up to which the fit goes.
+        skip_fraction: 0 <= skip_fraction < fit_fraction, the share left out at the start (`SKIP_FRACTION`).
         beta_bounds: the allowed exponent range. min_r2: see `fit_power_law`.
         max_extrapolation: predicting further than this factor beyond the fitted D is flagged.
 
@@ -423,14 +434,16 @@ def predict_curve(steps_or_tokens, losses, fit_fraction=0.3, *, beta_bounds=EXPO
     """
     x, y = _host_xy(steps_or_tokens, losses, 4)
     fit_fraction = _check_fraction("fit_fraction", fit_fraction)
-    fit_mask = x <= fit_fraction * x.max()
-    if fit_mask.sum() < 3 or (~fit_mask).sum() < 1:
+    skip_fraction = _check_skip(skip_fraction, fit_fraction)
+    after = x > fit_fraction * x.max()
+    fit_mask = ~after & (x >= skip_fraction * x.max())
+    if fit_mask.sum() < 3 or after.sum() < 1:
         raise ValueError(f"fit_fraction={fit_fraction}: keeps {int(fit_mask.sum())} of {x.size} points for the "
                          "fit; expected at least 3 for the fit and 1 to predict")
     fit = fit_power_law(x[fit_mask], y[fit_mask], c_bounds=beta_bounds, var="D", min_r2=min_r2)
     pred = fit(x)
     lo, hi = fit.band(x)
-    held = np.abs(pred - y)[~fit_mask]
+    held = np.abs(pred - y)[after]
     extrapolation = float(x.max() / x[fit_mask].max())
     flags = fit.flags + (("extrapolated",) if extrapolation > max_extrapolation else ())
     return CurvePrediction(fit, x, y, pred, lo, hi, fit_mask, float(held.mean()), float(held.max()),
@@ -478,7 +491,7 @@ class ScalingLawFit:
 
     params / errors: dicts over "E", "A", "alpha", "B", "beta" and, with a per-group factor, "k:<group>"
     for every group after the first (whose k is 1). errors are bootstrap standard errors.
-    runs: one dict per run: name, N, group, fitted (in fit_runs), tokens_fit_max, tokens_max,
+    runs: one dict per run: name, N, group, fitted (in fit_runs), tokens_fit_min, tokens_fit_max, tokens_max,
     final_loss, final_pred, final_rel_err (median of (pred - real) / real over the run's last 5 % of
     points), extrapolation (max tokens / max fitted tokens; for a run not fitted, the factor between
     its N and the nearest fitted N), flags. flags (the law's): codes from `FLAGS`; `ok` is `not flags`.
@@ -489,6 +502,7 @@ class ScalingLawFit:
     r2: float
     n_points: int
     fit_fraction: float
+    skip_fraction: float
     groups: tuple
     group_factor: bool
     runs: tuple
@@ -534,6 +548,7 @@ class ScalingLawFit:
     def to_dict(self):
         return {"params": dict(self.params), "errors": dict(self.errors), "formula": self.formula(),
                 "r2": self.r2, "n_points": self.n_points, "fit_fraction": self.fit_fraction,
+                "skip_fraction": self.skip_fraction,
                 "groups": list(self.groups), "group_factor": self.group_factor, "ok": self.ok,
                 "flags": list(self.flags), "runs": [dict(r) for r in self.runs]}
 
@@ -562,7 +577,8 @@ def _law_jacobian(theta, logn, logd, gidx, logl):
     return np.stack(cols, axis=1)
 
 
-def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False, huber_delta=1e-3,
+def fit_scaling_law(runs, *, fit_fraction=1.0, skip_fraction=SKIP_FRACTION, fit_runs=None, group_factor=False,
+                    huber_delta=1e-3,
                     exponent_bounds=EXPONENT_RANGE, n_boot=64, max_points_per_run=400, min_r2=MIN_R2,
                     max_extrapolation=MAX_EXTRAPOLATION, seed=0):
     """Fit one law L(N, D) = E + A * N^-alpha + B * D^-beta across runs of several model sizes.
@@ -584,7 +600,8 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
     Args:
         runs: list of dicts {"N": parameters, "tokens": (n,) increasing > 0, "loss": (n,) > 0,
             "group": optional label, "name": optional label}.
-        fit_fraction: in (0, 1]: fit on the points with tokens <= fit_fraction * the run's max tokens.
+        fit_fraction: in (0, 1]: fit on the points with tokens <= fit_fraction * the run's max tokens,
+        skip_fraction: and >= skip_fraction * the run's max tokens (`SKIP_FRACTION`: the first 5 %).
         fit_runs: None (all) or the runs to fit on, as indices or names; the others are only predicted.
         group_factor: fit a per-group factor k_g (needs every group among the fitted runs).
         huber_delta: Huber threshold on log residuals (Hoffmann et al. use 1e-3).
@@ -601,6 +618,7 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
     opt = require("scipy.optimize", "fit_scaling_law")
     rows = _check_runs(runs)
     fit_fraction = _check_fraction("fit_fraction", fit_fraction, closed=True)
+    skip_fraction = _check_skip(skip_fraction, fit_fraction)
     lo_x, hi_x = _check_exponent_range("exponent_bounds", exponent_bounds)
     min_r2 = _check_min_r2(min_r2)
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
@@ -627,7 +645,8 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
     # The fitted points: (log N, log D, group, log L), run by run.
     pts, per_run = [], []
     for i, (name, n, g, d, loss) in enumerate(rows):
-        keep = np.flatnonzero(d <= fit_fraction * d.max()) if i in fitted else np.array([], int)
+        window = (d >= skip_fraction * d.max()) & (d <= fit_fraction * d.max())
+        keep = np.flatnonzero(window) if i in fitted else np.array([], int)
         if keep.size > max_points_per_run:
             keep = keep[np.linspace(0, keep.size - 1, max_points_per_run).round().astype(int)]
         per_run.append(keep)
@@ -677,7 +696,7 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
         flags.append("few_sizes")
 
     law = ScalingLawFit(dict(zip(keys, map(float, values))), dict(zip(keys, map(float, errors))), float(r2),
-                        int(big_l.size), fit_fraction, groups, bool(n_k), (), (), boot)
+                        int(big_l.size), fit_fraction, skip_fraction, groups, bool(n_k), (), (), boot)
     run_rows = []
     for i, ((name, n, g, d, loss), keep) in enumerate(zip(rows, per_run)):
         pred = law.predict(n, d, g)
@@ -687,6 +706,7 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
         else:
             extrapolation = float(min(max(n / f, f / n) for f in fitted_n))
         run_rows.append({"name": name, "N": n, "group": g, "fitted": i in fitted,
+                         "tokens_fit_min": float(d[keep].min()) if keep.size else None,
                          "tokens_fit_max": float(d[keep].max()) if keep.size else None,
                          "tokens_max": float(d.max()), "final_loss": float(np.median(loss[-tail:])),
                          "final_pred": float(np.median(pred[-tail:])), "final_rel_err": _final_rel_err(pred, loss),
@@ -694,5 +714,5 @@ def fit_scaling_law(runs, *, fit_fraction=1.0, fit_runs=None, group_factor=False
                          "flags": ["extrapolated"] if extrapolation > max_extrapolation else []})
     if any(r["flags"] for r in run_rows):
         flags.append("extrapolated")
-    return ScalingLawFit(law.params, law.errors, law.r2, law.n_points, fit_fraction, groups, bool(n_k),
+    return ScalingLawFit(law.params, law.errors, law.r2, law.n_points, fit_fraction, skip_fraction, groups, bool(n_k),
                          tuple(run_rows), tuple(flags), boot)

@@ -45,8 +45,8 @@ def _chart(path, nrows, ncols, width, height, formats, written, **subplots):
         path.parent.mkdir(parents=True, exist_ok=True)
         for fmt in formats:
             written.append(path.with_suffix(f".{fmt}"))
-            fig.savefig(written[-1], dpi=100, metadata={"Date": None} if fmt == "svg" else None,
-                        pil_kwargs={"optimize": True} if fmt == "png" else None)
+            extra = {"png": {"pil_kwargs": {"optimize": True}}, "svg": {"metadata": {"Date": None}}}.get(fmt, {})
+            fig.savefig(written[-1], dpi=100, **extra)
 
 
 def _check_formats(formats):
@@ -249,10 +249,11 @@ def plot_test_loss(panels, path, *, ylabel="Test loss", formats=FORMATS):
     return written
 
 
-def _pred_panel(ax, x, y, pred, lo, hi, fit_end, ok, reason, window, unit):
-    """Real (raw faint, median bold), Pred dashed with its band, the fitted range shaded."""
+def _pred_panel(ax, x, y, pred, lo, hi, fit_range, ok, reason, window, unit):
+    """Real (raw faint, median bold), Pred dashed with its band, the fitted range (or None) shaded."""
     xs = x / unit
-    ax.axvspan(xs.min(), fit_end / unit, color="0.92", zorder=0, label="fitted range")
+    if fit_range is not None:
+        ax.axvspan(fit_range[0] / unit, fit_range[1] / unit, color="0.92", zorder=0, label="fitted range")
     _raw_and_smooth(ax, xs, y, REAL, window, label="Real")
     if ok:
         ax.fill_between(xs, lo, hi, color=PRED, alpha=0.15, lw=0, label="Pred ~95 % band")
@@ -270,7 +271,7 @@ def _pred_panel(ax, x, y, pred, lo, hi, fit_end, ok, reason, window, unit):
 def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, formats=FORMATS):
     """"Real" total loss against tokens trained and "Pred", one curve prediction per run.
 
-    Pred is `predict_curve` (L(D) = E + B * D^-beta on D <= fit_fraction * max D, shaded), drawn over
+    Pred is `predict_curve` (L(D) = E + B * D^-beta on 5 % to fit_fraction of max D, shaded), drawn over
     the whole range with its band; a prediction that is not ok is grey with its flags in the legend.
 
     Args:
@@ -284,7 +285,9 @@ def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, formats=FORM
     with _chart(path, 1, len(preds), 3.4, 3.0, formats, written) as (fig, axes):
         for ax, (name, p) in zip(axes[0], preds.items()):
             w = window or max(1, p.y.size // 25)
-            _pred_panel(ax, p.x, p.y, p.pred, p.lo, p.hi, p.x[p.fit_mask].max(), p.ok, ", ".join(p.flags), w, unit)
+            fitted = p.x[p.fit_mask]
+            _pred_panel(ax, p.x, p.y, p.pred, p.lo, p.hi, (fitted.min(), fitted.max()), p.ok, ", ".join(p.flags),
+                        w, unit)
             ax.set_title(f"{name}\n{p.fit.formula() if p.ok else 'no reliable fit'}", fontsize=8)
             ax.set_xlabel(xlabel)
         axes[0, 0].set_ylabel("Total training loss")
@@ -327,8 +330,8 @@ def plot_grid(runs, law, path, *, window=None, formats=FORMATS):
             x, y = np.asarray(r["tokens"], float), np.asarray(r["loss"], float)
             pred = law.predict(r["N"], x, r.get("group"))
             lo, hi = law.band(r["N"], x, r.get("group"))
-            fit_end = info["tokens_fit_max"] if info["fitted"] else x.min()
-            _pred_panel(ax, x, y, pred, lo, hi, fit_end, law.ok and not info["flags"],
+            fit_range = (info["tokens_fit_min"], info["tokens_fit_max"]) if info["fitted"] else None
+            _pred_panel(ax, x, y, pred, lo, hi, fit_range, law.ok and not info["flags"],
                         ", ".join(law.flags or info["flags"]), window or max(1, y.size // 25), unit)
             err = f"end: {info['final_rel_err']:+.1%}" + ("" if info["fitted"] else " (not fitted)")
             ax.set_title(f"N = {_si(r['N'])}" + (f", {r['group']}" if r.get("group") is not None else "")
@@ -340,6 +343,6 @@ def plot_grid(runs, law, path, *, window=None, formats=FORMATS):
         for ax in shown[1:]:
             _weak_legend(ax)
         factors = "".join(f", {k[2:]}: x {v:.3g}" for k, v in law.params.items() if k.startswith("k:"))
-        fig.suptitle(f"{law.describe()}{factors}; fitted on the first {law.fit_fraction:.0%} of each run's tokens",
-                     fontsize=9)
+        fig.suptitle(f"{law.describe()}{factors}; fitted on {law.skip_fraction:.0%} to {law.fit_fraction:.0%} of "
+                     "each run's tokens (shaded)", fontsize=9)
     return written

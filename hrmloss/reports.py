@@ -89,7 +89,7 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
                 notes.append(f"pred_vs_real skips {r.name!r}: {e}")
     if preds:
         paths += plots.plot_pred_vs_real(preds, out / "pred_vs_real", formats=formats)
-        lines.append(f"Pred vs Real: L(D) = E + B * D^-beta fitted on the first {fit_fraction:.0%} of tokens:")
+        lines.append(f"Pred vs Real: L(D) = E + B * D^-beta fitted on 5% to {fit_fraction:.0%} of the tokens:")
         for name, p in preds.items():
             d = p.to_dict()
             doc["predictions"][name] = {k: d[k] for k in ("fit", "ok", "flags", "mae", "final_rel_err", "extrapolation")}
@@ -135,8 +135,8 @@ def fit_grid(runs, out, *, fit_fraction=0.5, fit_runs=None, group_factor=False, 
     law = fit_scaling_law(data, fit_fraction=fit_fraction, fit_runs=fit_runs, group_factor=group_factor)
     paths = plots.plot_grid(data, law, out / "grid", formats=formats)
     paths.append(_write(out, "scaling_law.json", law.to_dict()))
-    lines = [law.describe(), f"fitted on the first {fit_fraction:.0%} of the tokens of {sum(r['fitted'] for r in law.runs)} "
-             f"runs, {law.n_points} points; parameters +- bootstrap standard error:"]
+    lines = [law.describe(), f"fitted on {law.skip_fraction:.0%} to {fit_fraction:.0%} of the tokens of "
+             f"{sum(r['fitted'] for r in law.runs)} runs, {law.n_points} points; parameters +- bootstrap standard error:"]
     lines += [f"  {k:>8} = {v:.4g} +- {law.errors[k]:.2g}" for k, v in law.params.items()]
     lines.append(f"  {'run':>24} {'N':>8} {'end loss':>9} {'Pred':>7} {'error':>7}")
     for r in law.runs:

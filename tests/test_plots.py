@@ -78,7 +78,7 @@ def test_plot_grid_rows_by_group_columns_by_n(tmp_path):
     law = fit_scaling_law(runs, fit_fraction=0.5, group_factor=True, n_boot=8)
     svg = _written(plots.plot_grid(runs, law, tmp_path / "grid.png"), "grid")
     assert "N = 20k, T=64" in svg and "N = 300k, T=256" in svg and "Tokens trained (millions)" in svg
-    assert "Pred" in svg and "fitted on the first 50%" in svg
+    assert "Pred" in svg and "fitted on 5% to 50% of each run" in svg
     weak = fit_scaling_law(runs[:2], fit_fraction=0.5, n_boot=4)  # 2 sizes: A, alpha, E not separable
     svg = _written(plots.plot_grid(runs[:2], weak, tmp_path / "weak"), "weak")
     assert "Pred not ok: few_sizes" in svg and "not ok: few_sizes" in svg
