@@ -25,7 +25,6 @@ def _typed(convert, check, expected):
         if value is None or not check(value):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
         return value
-    parse.__name__ = expected  # argparse names the type in some messages
     return parse
 
 
@@ -146,23 +145,16 @@ def _demo(args, parser):
     try:
         if args.grid:
             cfg = GridConfig(device=args.device, seed=args.seed, progress=not args.no_progress)
-            cfg = cfg.quick() if args.quick else cfg.for_device()
-            if args.steps is not None:
-                cfg = replace(cfg, steps=args.steps)
-            cfg.validate()
         else:
             cfg = DemoConfig(device=args.device, hrms=tuple(args.hrm), seed=args.seed, progress=not args.no_progress)
-            cfg = cfg.quick() if args.quick else cfg.for_device()
-            if args.steps is not None:
-                cfg = replace(cfg, steps=args.steps, ref_steps=round(args.steps * cfg.ref_steps / cfg.steps))
-            cfg.validate()
-    except (ValueError, RuntimeError) as e:
+        cfg = cfg.quick() if args.quick else cfg.for_device()
+        if args.steps is not None:  # the demo's reference keeps its share of the steps
+            ref = {} if args.grid else {"ref_steps": round(args.steps * cfg.ref_steps / cfg.steps)}
+            cfg = replace(cfg, steps=args.steps, **ref)
+        cfg.validate()
+    except ValueError as e:
         parser.error(str(e))
-    if args.grid:
-        paths, text = run_grid(args.out, cfg, formats=args.formats)
-    else:
-        paths, text = run_demo(args.out, cfg, formats=args.formats)
-    return paths, text
+    return (run_grid if args.grid else run_demo)(args.out, cfg, formats=args.formats)
 
 
 def main(argv=None):
