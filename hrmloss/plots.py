@@ -219,7 +219,7 @@ def _fit_legend(ax):
     handles = [Line2D([], [], color="0.3", lw=0.9), Line2D([], [], color="0.3", **FIT)] + handles
     labels = ["measured (colour: step)", "fit a + b * T^-c (grey: not ok)"] + labels
     # Below the axes, so that it never hides a curve.
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=6.5)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=6.5)
 
 
 def plot_test_loss(panels, path, *, ylabel="Test loss", formats=FORMATS):
