@@ -20,7 +20,8 @@ from .analysis import CurvePrediction, _host_xy, fit_power_law, log_bins, predic
 
 STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 8,
          "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-         "axes.spines.right": False, "legend.frameon": False, "svg.fonttype": "none", "svg.hashsalt": "hrmloss"}
+         "axes.spines.right": False, "legend.frameon": True, "legend.framealpha": 0.85,
+         "legend.edgecolor": "0.85", "svg.fonttype": "none", "svg.hashsalt": "hrmloss"}
 RAW = {"lw": 0.6, "alpha": 0.3}             # raw values per step: faint
 BOLD = {"lw": 1.8}                          # rolling median over them: bold
 FIT = {"lw": 1.5, "ls": "--"}               # a fit or prediction that passed its checks
@@ -339,10 +340,11 @@ def plot_grid(runs, law, path, *, window=None, formats=FORMATS):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("Total loss" if ax in list(axes[:, 0]) else None)
         shown = [ax for ax in axes.flat if ax.get_visible()]
-        shown[0].legend(loc="upper right")
+        shown[0].legend(loc="best")
         for ax in shown[1:]:
             _weak_legend(ax)
-        factors = "".join(f", {k[2:]}: x {v:.3g}" for k, v in law.params.items() if k.startswith("k:"))
-        fig.suptitle(f"{law.describe()}{factors}; fitted on {law.skip_fraction:.0%} to {law.fit_fraction:.0%} of "
-                     "each run's tokens (shaded)", fontsize=9)
+        factors = "".join(f", x {v:.3g} at {k[2:]}" for k, v in law.params.items() if k.startswith("k:"))
+        verdict = "" if law.ok else f"not ok: {', '.join(law.flags)}; "
+        fig.suptitle(f"L(N, D) = {law.formula()}{factors} (R^2 {law.r2:.3f})\n{verdict}fitted on "
+                     f"{law.skip_fraction:.0%} to {law.fit_fraction:.0%} of each run's tokens (shaded)", fontsize=9)
     return written
