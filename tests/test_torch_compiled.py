@@ -10,15 +10,6 @@ from hrmloss import _torch, _torch_compiled
 from .reference import reference_loss
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Compile at any size, with 4-row chunks of V = 96, and a clean per-test compile state."""
-    monkeypatch.setattr(_torch_compiled, "COMPILE_MIN_ELEMS", 0)
-    monkeypatch.setattr(_torch_compiled, "COMPILED_CHUNK_ELEMS", 4 * 96)
-    monkeypatch.setitem(_torch_compiled._state, "failed", False)
-    monkeypatch.setitem(_torch_compiled._state, "fns", {})
-    monkeypatch.setenv("HRMLOSS_COMPILE", "1")
-
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
