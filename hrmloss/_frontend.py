@@ -114,8 +114,9 @@ def _same_device(anchor_name, anchor, others):
             raise ValueError(f"{name}.device={x.device}: expected the device of {anchor_name}, {anchor.device}")
 
 
-def _check_projection(prefix, hidden, weight, bias, vocab=None):
-    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype; V = vocab when given."""
+def _check_projection(prefix, hidden, weight, bias, vocab=None, mixed=False):
+    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype; V = vocab when given.
+    mixed (inside torch.autocast): the three may have different float dtypes."""
     check_tensor(f"{prefix}hidden", hidden, FLOAT_DTYPES)
     check_tensor(f"{prefix}weight", weight, FLOAT_DTYPES)
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
@@ -127,18 +128,19 @@ def _check_projection(prefix, hidden, weight, bias, vocab=None):
     if vocab is not None and weight.shape[0] != vocab:
         raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected V = weight.shape[0] = {vocab} "
                          "rows (the student's vocabulary)")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not mixed:
         raise TypeError(f"{prefix}weight.dtype={weight.dtype}: expected the dtype of {prefix}hidden, "
-                        f"{hidden.dtype}")
+                        f"{hidden.dtype} (different dtypes are accepted inside torch.autocast only)")
     if bias is not None:
-        check_tensor(f"{prefix}bias", bias, (weight.dtype,), f"the dtype of {prefix}weight, {weight.dtype}")
+        check_tensor(f"{prefix}bias", bias, FLOAT_DTYPES if mixed else (weight.dtype,),
+                     _FLOATS if mixed else f"the dtype of {prefix}weight, {weight.dtype}")
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"{prefix}bias.shape={tuple(bias.shape)}: expected ({weight.shape[0]},)")
 
 
-def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias):
-    """Types, shapes, dtypes and devices of a linear_hrm_loss call."""
-    _check_projection("", hidden, weight, bias)
+def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, mixed=False):
+    """Types, shapes, dtypes and devices of a linear_hrm_loss call; mixed: inside torch.autocast."""
+    _check_projection("", hidden, weight, bias, mixed=mixed)
     check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
     lead, V = tuple(hidden.shape[:-1]), weight.shape[0]
     if tuple(labels.shape) != lead:
@@ -157,7 +159,7 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
             raise ValueError("no reference: expected ref_logits, or both ref_hidden and ref_weight "
                              f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
-        _check_projection("ref_", ref_hidden, ref_weight, ref_bias, vocab=V)
+        _check_projection("ref_", ref_hidden, ref_weight, ref_bias, vocab=V, mixed=mixed)
         if tuple(ref_hidden.shape[:-1]) != lead:
             raise ValueError(f"ref_hidden.shape={tuple(ref_hidden.shape)}: expected hidden.shape[:-1] + "
                              f"(H_ref,) with hidden.shape[:-1] = {lead}")

@@ -17,8 +17,8 @@ from ._layout import JSD, PARTIAL
 from ._options import Structure, check_params
 
 
-def _no_autocast(x):
-    # the passes choose their own precision (fp32); autocast must not lower it
+def no_autocast(x):
+    """A context with autocast off for x's device: the passes (and linear.py's GEMMs) choose their own dtypes."""
     return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") \
         else contextlib.nullcontext()
 
@@ -41,7 +41,7 @@ def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, params: Tensor
     st = Structure._make(structure)
     check_labels(labels, 0, vocab_size, st.ignore_index)
     check_params(params, st)
-    with _no_autocast(logits):
+    with no_autocast(logits):
         return _backends.get(backend).row_stats(*rows_3d(logits, ref_logits), labels, params, st, vocab_start)
 
 
@@ -55,7 +55,7 @@ def jsd_sums(logits: Tensor, ref_logits: Tensor, labels: Tensor, lse_uw: Tensor,
              structure: list[int], backend: str) -> Tensor:
     """(N, JSD) partial sums KL(p||m), KL(q||m) of this shard, given the final lse_u, lse_w."""
     st = Structure._make(structure)
-    with _no_autocast(logits):
+    with no_autocast(logits):
         return _backends.get(backend).jsd_sums(*rows_3d(logits, ref_logits), labels, lse_uw, params, st)
 
 
@@ -70,7 +70,7 @@ def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: T
          ref_grad: bool) -> tuple[Tensor, Tensor]:
     """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad."""
     st = Structure._make(structure)
-    with _no_autocast(logits):
+    with no_autocast(logits):
         ds, dt = _backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,
                                              vocab_start, vocab_size, ref_grad)
     dt = dt.view(ref_logits.shape) if ref_grad else ref_logits.new_empty(0)

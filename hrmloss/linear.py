@@ -1,28 +1,49 @@
 """Fused output projection + loss: `linear_hrm_loss`, `LinearHRMLoss`, and their autograd Function.
 
 The student logits s = hidden @ weight.T (+ bias) are never materialised for all N tokens at once. Rows
-(tokens) are processed in chunks of `chunk` rows; per chunk, with h the chunk's hidden states:
+(tokens) are processed in chunks of c rows; per chunk, with h the chunk's hidden states:
 
-    s   = h @ weight.T (+ bias)                  (c, V), input dtype (the matmul accumulates in fp32)
-    t   = ref_logits[rows]  or  ref_hidden[rows] @ ref_weight.T (+ ref_bias)
+    s   = h @ weight.T (+ bias)                  (c, V)   GEMM 1
+    t   = ref_logits[rows]  or  ref_hidden[rows] @ ref_weight.T (+ ref_bias)      (GEMM 4, the reference's)
     loss, ce, kl, z, final = forward_rows(...)   the core passes of hrm_loss (one row = one token)
     ds  = d loss_rows / d s, scaled per row by g (the core's grad pass)
-    grad_hidden[rows] = ds @ weight              grad_weight += ds.T @ h  (fp32)   grad_bias += sum(ds)
+    grad_hidden[rows] = ds @ weight              (c, H)   GEMM 2
+    grad_weight += ds.T @ h                      (V, H)   GEMM 3, accumulated over chunks
+    grad_bias   += sum_rows ds
 
-The loss statistics are per row, so chunking rows is exact. Peak extra memory: a few (chunk, V) buffers,
-the (N, H) grad_hidden and an fp32 (V, H) grad_weight accumulator, never N x V.
+Every GEMM runs in one dtype, the "GEMM dtype": the inputs' dtype, or autocast's inside `torch.autocast`
+(bf16 hidden with an fp32 weight, or the reverse, is then cast as F.linear would cast it). No fp32 copy of
+a chunk of hidden, of ds or of the weight is ever made: bf16 inputs mean bf16 GEMMs (fp32 accumulation
+inside each GEMM). Across chunks the weight gradient is summed into an accumulator of `grad_acc_dtype`:
+
+    fp32 (default)  CUDA: one cuBLAS call per chunk, bf16 operands and an fp32 output that is also the
+                    addend (aten::addmm.dtype); CPU, or a torch without it: the chunk's bf16 GEMM into a
+                    (V, H) scratch, then one fp32 add. Error against float64 ~ bf16's rounding of the result.
+    weight's dtype  acc.addmm_(ds.T, h): bf16 in, bf16 out, every chunk rounds the running sum; saves the
+                    fp32 accumulator's 4 V H bytes (docs/linear.md gives both errors).
+
+Rows are independent in the loss, so chunking is exact; the vocabulary-parallel form (process_group) splits
+the vocabulary instead and merges each chunk's row statistics over the group (hrmloss/distributed.py).
 
 When is the gradient computed? The incoming gradient of the loss decides:
 - reduction "mean" / "sum": the loss is a scalar, so d loss / d s_i = grad_output * w_i with a known row
   weight w_i (1/max(count, 1) or 1). The forward computes the gradients with g = w (when grad is enabled)
-  and the backward only multiplies them, in place, by the grad_output tensor (no host sync). Hence such
-  a graph can be backpropagated once (a second backward through it raises).
+  and the backward only multiplies them by the grad_output tensor (no host sync), fused with the cast to
+  the weight's dtype. GEMMs: 3 student + 1 reference. Such a graph can be backpropagated once.
 - reduction "none": grad_output is an arbitrary per-token tensor, unknown in the forward. The forward
   keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
-  the gradient pass with g = grad_output (the matmuls are done twice, the memory stays O(chunk x V)).
+  the gradient pass with g = grad_output: GEMMs 1 + 1 reference in the forward, 3 + 1 reference in the
+  backward (the logits GEMMs are done twice), the memory stays O(c V).
+
+All of it runs on one stream and never waits for the host, so the CPU queues chunk after chunk while the
+GPU works. Per chunk the GEMMs dominate (~90 % of the time at N = 8192, H = 4096, V = 128256: four GEMMs
+of 2 c H V FLOPs against ~5 c V bytes of memory-bound loss passes); the next chunk's logits GEMM could
+overlap this chunk's loss kernels on a second stream, but a GEMM of that size fills every SM, so little
+would run concurrently, and two chunks in flight would double the chunk buffers (docs/linear.md).
 """
 import inspect
 import numbers
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -30,26 +51,69 @@ import torch
 from . import _frontend
 from ._core import rows_3d
 from ._frontend import Call
-from ._function import forward_rows, grad_rows
+from ._function import forward_rows, grad_rows, vocab_range
 from ._layout import FINAL
+from ._ops import no_autocast
 from ._options import OPTION_NAMES
 
-# Automatic chunk: the most rows whose (chunk, V) fp32 logits fit in these bytes (>= 1 row, <= N rows).
-# Every chunk reads and writes the fp32 (V, H) grad_weight accumulator once and reads the (V, H) weight
-# three times (logits, grad_hidden, grad_weight), so chunks of a few rows turn the loss into weight
-# traffic. CPU: 32 MiB (262 rows at V = 32000) was 2x faster than 8 MiB at N = 2048, H = 1024 and keeps
-# the peak under 1/4 of the naive composition (tests/test_linear.py). CUDA: the GEMMs need a few hundred
-# rows to be compute-bound: 256 MiB is 512 rows at V = 128k.
-CHUNK_BYTES = {"cuda": 256 << 20}
-CHUNK_BYTES_DEFAULT = 32 << 20
+# Automatic chunk: the most rows whose per-chunk (c, V) buffers fit in `chunk_bytes` (>= 1 row, <= N rows,
+# a multiple of CHUNK_ALIGN rows when there are at least two such multiples). The buffers are the student
+# logits s and their gradient ds, plus the reference logits t when they are computed from hidden states,
+# each in the GEMM dtype. Every chunk reads the (V, H) weight three times and the weight-gradient
+# accumulator once, so small chunks turn the loss into weight traffic and small-K GEMMs:
+# - CPU: 64 MiB (256 rows at V = 32000 fp32 with reference logits) was 2x faster than 16 MiB at
+#   N = 2048, H = 1024, and keeps the peak under 1/4 of the naive composition (tests/test_linear.py).
+# - CUDA: 768 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states: GEMMs with
+#   M, K >= 1024 run near peak; s, t and ds (0.73 GiB) stay below the bf16 gradient (0.98 GiB at H = 4096)
+#   that the end of the backward allocates anyway, so they do not raise the peak.
+CHUNK_BYTES = {"cuda": 768 << 20}
+CHUNK_BYTES_DEFAULT = 64 << 20
+CHUNK_ALIGN = 64
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
+_GRAD_ACC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def chunk_rows(n_rows, buffer_bytes_per_row, device, chunk_bytes=None):
+    """Rows per chunk when chunk_size=None: the most rows whose buffers (bytes per row) fit in chunk_bytes
+    (default CHUNK_BYTES for the device), rounded down to a multiple of CHUNK_ALIGN, in [1, n_rows]."""
+    budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(torch.device(device).type,
+                                                                        CHUNK_BYTES_DEFAULT)
+    rows = budget // max(buffer_bytes_per_row, 1)
+    if rows >= 2 * CHUNK_ALIGN:
+        rows -= rows % CHUNK_ALIGN
+    return max(1, min(n_rows, rows))
 
-def auto_chunk_rows(n_rows, vocab, device):
-    """Rows per chunk when chunk_size=None: max(1, min(N, bytes // (4 V))), bytes from CHUNK_BYTES."""
-    budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES_DEFAULT)
-    return max(1, min(n_rows, budget // (4 * vocab)))
+
+# ---------------------------------------------------------------------------------------------------------
+# The weight-gradient GEMM: acc += a @ b, chosen by device and accumulator dtype
+
+_ADDMM_DTYPE = {"usable": True}  # aten::addmm.dtype with an fp32 addend; False once this torch refused it
+
+
+def _accumulate(acc, a, b, scratch):
+    """acc += a @ b with a, b in the GEMM dtype, acc fp32 or that dtype. Returns the scratch it used.
+
+    Same dtype: one GEMM that adds into acc. fp32 acc, bf16 / fp16 operands: on CUDA one cuBLAS GEMM whose
+    fp32 output is also its addend (torch.addmm(..., out_dtype=float32), torch >= 2.8, not traced by
+    torch.compile); elsewhere, or if this torch refuses it, the GEMM in the operands' dtype into a (V, H)
+    scratch (kept across chunks) and one fp32 add, which on a CPU is ~2-4x faster than an fp32 GEMM.
+    """
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return scratch
+    if acc.is_cuda and _ADDMM_DTYPE["usable"] and not torch.compiler.is_compiling():
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return scratch
+        except (RuntimeError, TypeError) as e:  # checked before any work: acc is untouched
+            _ADDMM_DTYPE["usable"] = False
+            warnings.warn(f"hrmloss: torch.addmm(out_dtype=float32) with an fp32 addend is not available "
+                          f"({e}); the weight gradient uses a GEMM in {a.dtype} and an fp32 add per chunk")
+    if scratch is None:
+        scratch = a.new_empty((a.shape[0], b.shape[1]))
+    torch.mm(a, b, out=scratch)
+    acc.add_(scratch)
+    return scratch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,29 +121,24 @@ def auto_chunk_rows(n_rows, vocab, device):
 
 
 class _Operands(NamedTuple):
-    """The tensors of one call with rows as (B, T, .) views (no copy of a shifted view); ref side detached."""
+    """The tensors of one call, as the GEMMs read them: rows as (B, T, .) views (no copy of a shifted view),
+    matrices in the GEMM dtype (a copy only when autocast changes a dtype); the reference side detached."""
 
-    h3: torch.Tensor                 # (B, T, H) student hidden states
-    weight: torch.Tensor             # (V, H)
-    bias: torch.Tensor | None        # (V,)
+    h3: torch.Tensor                 # (B, T, H) student hidden states, the caller's dtype
+    weight: torch.Tensor             # (V, H) in the GEMM dtype
+    bias: torch.Tensor | None        # (V,) in the GEMM dtype
     labels: torch.Tensor             # (N,) flat, contiguous
     ref3: torch.Tensor               # (B', T', V) reference logits, or (B', T', H_ref) reference hidden
-    ref_weight: torch.Tensor | None  # (V, H_ref) when ref3 holds hidden states
+    ref_weight: torch.Tensor | None  # (V, H_ref) in the GEMM dtype, when ref3 holds hidden states
     ref_bias: torch.Tensor | None    # (V,)
+    dtype: torch.dtype               # the GEMM dtype
 
 
-class _Grads(NamedTuple):
-    """Gradient buffers, None where not wanted: hidden (N, H) in its dtype, weight (V, H) and bias (V,) fp32."""
-
-    hidden: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-
-
-def _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias):
+def _operands(dtype, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias):
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731 (no copy when the dtype is already right)
     (ref3,) = rows_3d(ref_logits if ref_logits is not None else ref_hidden)
     (h3,) = rows_3d(hidden)
-    return _Operands(h3, weight, bias, labels, ref3, ref_weight, ref_bias)
+    return _Operands(h3, cast(weight), cast(bias), labels, ref3, cast(ref_weight), cast(ref_bias), dtype)
 
 
 def _take_rows(x3, r0, r1):
@@ -93,67 +152,106 @@ def _take_rows(x3, r0, r1):
 
 
 def _linear(x, weight, bias):
-    """x @ weight.T (+ bias): (c, H) x (V, H) -> (c, V) in the input dtype, fp32 accumulation in the GEMM."""
+    """x @ weight.T (+ bias): (c, H) x (V, H) -> (c, V), one GEMM in weight's dtype (x cast to it)."""
+    x = x.to(weight.dtype)
     return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
 
 
 def _chunk_logits(ops, r0, r1):
-    """(h, s, t) of rows [r0, r1): hidden (c, H), student and reference logits (c, V)."""
-    h = _take_rows(ops.h3, r0, r1)
+    """(h, s, t) of rows [r0, r1): hidden (c, H) and student logits (c, V) in the GEMM dtype; reference
+    logits (c, V), a view of ref_logits or computed from the reference's hidden states."""
+    h = _take_rows(ops.h3, r0, r1).to(ops.dtype)
     ref = _take_rows(ops.ref3, r0, r1)
     t = ref if ops.ref_weight is None else _linear(ref, ops.ref_weight, ops.ref_bias)
     return h, _linear(h, ops.weight, ops.bias), t
 
 
-def _backprop(ops, grads, h, ds, r0, r1):
-    """Chain rule through s = h @ weight.T + bias for one chunk: ds (c, V) -> the three gradient buffers."""
-    if grads.hidden is not None:
-        torch.mm(ds, ops.weight, out=grads.hidden[r0:r1])
-    if grads.weight is not None:
-        # grad_weight += ds.T @ h, accumulated over chunks in fp32 (inputs upcast per chunk: O(chunk) memory)
-        a, b = (ds.t(), h) if ds.dtype == torch.float32 else (ds.t().float(), h.float())
-        grads.weight.addmm_(a, b)
-    if grads.bias is not None:
-        grads.bias.add_(ds.sum(0, dtype=torch.float32))
+class _Grads:
+    """The gradient buffers of one call, None where not wanted.
+
+    hidden: (N, H) in hidden's dtype, written chunk by chunk; weight, bias: (V, H), (V,) accumulators of
+    `acc_dtype`; scratch: the (V, H) GEMM-dtype buffer of `_accumulate`'s fallback, reused for the result.
+    """
+
+    def __init__(self, ops, want_hidden, want_weight, want_bias, acc_dtype):
+        n, (V, H) = ops.labels.shape[0], ops.weight.shape
+        self.hidden = ops.h3.new_empty((n, H)) if want_hidden else None
+        self.weight = ops.weight.new_zeros((V, H), dtype=acc_dtype) if want_weight else None
+        self.bias = ops.weight.new_zeros((V,), dtype=acc_dtype) if want_bias and ops.bias is not None else None
+        self.scratch = None
+
+    def add(self, ops, h, ds, r0, r1):
+        """Chain rule through s = h @ weight.T + bias for one chunk: ds (c, V) -> the three buffers."""
+        if self.hidden is not None:
+            if self.hidden.dtype == ds.dtype:
+                torch.mm(ds, ops.weight, out=self.hidden[r0:r1])
+            else:                                        # autocast: hidden kept another dtype
+                self.hidden[r0:r1] = ds @ ops.weight
+        if self.weight is not None:
+            self.scratch = _accumulate(self.weight, ds.t(), h, self.scratch)
+        if self.bias is not None:
+            self.bias.add_(ds.sum(0, dtype=self.bias.dtype))
+
+    def all_reduce_hidden(self, shard):
+        """Vocabulary-parallel: grad_hidden = sum over ranks of ds_r @ weight_r (hidden is replicated)."""
+        if shard is not None and self.hidden is not None:
+            shard.merge_sums(self.hidden)
+
+    def result(self, go, hidden_dtype, weight_dtype):
+        """(grad_hidden, grad_weight, grad_bias) times go (a 0-dim tensor, or None for 1), in the inputs'
+        dtypes: scaled in place when the dtype is already right, else scaled and cast in one pass."""
+        def finish(x, dtype, out=None):
+            if x is None:
+                return None
+            if x.dtype == dtype:
+                return x if go is None else x.mul_(go)
+            out = torch.empty_like(x, dtype=dtype) if out is None else out
+            return out.copy_(x) if go is None else torch.mul(x, go, out=out)
+        scratch = self.scratch if self.scratch is not None and self.scratch.dtype == weight_dtype else None
+        grads = (finish(self.hidden, hidden_dtype), finish(self.weight, weight_dtype, scratch),
+                 finish(self.bias, weight_dtype))
+        self.hidden = self.weight = self.bias = self.scratch = None
+        return grads
 
 
-def _chunk_grad(s, t, y, final, g, call):
+def _chunk_grad(s, t, y, final, g, plan):
     """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass."""
-    return grad_rows(s, t, y, final, g, call.params, call.st, call.backend, (0, s.shape[-1]), False)[0]
+    return grad_rows(s, t, y, final, g, plan.call.params, plan.call.st, plan.call.backend,
+                     vocab_range(s, plan.shard), False)[0]
 
 
-def _forward_chunk(ops, call, r0, r1, rows, g, grads):
+def _forward_chunk(ops, plan, r0, r1, rows, g, grads):
     """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32 row
-    weight) also the gradients with that weight on every row. Its (c, V) temporaries die when it returns."""
+    weight) also the gradients with that weight on every row. Its (c, V) buffers die when it returns."""
+    call = plan.call
     h, s, t = _chunk_logits(ops, r0, r1)
     y = ops.labels[r0:r1]
-    out = forward_rows(s, t, y, call.params, call.st, call.backend)
+    out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard)
     for buf, x in zip(rows, out):
         buf[r0:r1] = x
     if g is not None:
-        _backprop(ops, grads, h, _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0), call), r0, r1)
+        ds = _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0), plan)
+        del s, t  # before the two gradient GEMMs: only ds is live
+        grads.add(ops, h, ds, r0, r1)
 
 
-def _backward_chunk(ops, call, r0, r1, final, g, grads):
+def _backward_chunk(ops, plan, r0, r1, final, g, grads):
     """Recompute the logits of rows [r0, r1) and backpropagate per-row weights g (c,) fp32."""
     h, s, t = _chunk_logits(ops, r0, r1)
-    _backprop(ops, grads, h, _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, call), r0, r1)
-
-
-def _new_grads(ops, want_hidden, want_weight, want_bias):
-    n, (V, H) = ops.labels.shape[0], ops.weight.shape
-    return _Grads(
-        ops.h3.new_empty((n, H)) if want_hidden else None,
-        ops.weight.new_zeros((V, H), dtype=torch.float32) if want_weight else None,
-        ops.weight.new_zeros((V,), dtype=torch.float32) if want_bias and ops.bias is not None else None)
+    ds = _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, plan)
+    del s, t
+    grads.add(ops, h, ds, r0, r1)
 
 
 class _Plan(NamedTuple):
     """The non-tensor arguments of one call."""
 
-    call: Call          # the front end's validated call (options, structure, backend, params, num_items)
-    chunk: int          # rows per chunk
-    grad_enabled: bool  # autograd was on at the call (Function.forward runs with it off)
+    call: Call                # the front end's validated call (options, structure, backend, params, num_items)
+    chunk: int                # rows per chunk
+    grad_enabled: bool        # autograd was on at the call (Function.forward runs with it off)
+    gemm_dtype: torch.dtype   # every GEMM's operand dtype
+    acc_dtype: torch.dtype    # the weight / bias gradient accumulator's dtype
+    shard: object             # None, or the distributed.VocabShard of a vocabulary-parallel call
 
 
 class LinearHRMLossFunction(torch.autograd.Function):
@@ -168,19 +266,24 @@ class LinearHRMLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan):
         call = plan.call
         reduction = call.opts.reduction
-        ops = _operands(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias)
         n = labels.shape[0]
         rows = (*(labels.new_empty((n,), dtype=call.params.dtype) for _ in range(4)),
                 labels.new_empty((n, len(FINAL)), dtype=call.params.dtype))
         live = labels != call.st.ignore_index
         wants = [plan.grad_enabled and w for w in ctx.needs_input_grad[:3]]
         ctx.eager = any(wants) and reduction != "none"
-        grads = _new_grads(ops, *wants) if ctx.eager else None
-        g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
-        for r0 in range(0, n, plan.chunk):
-            _forward_chunk(ops, call, r0, min(r0 + plan.chunk, n), rows, g, grads)
+        with no_autocast(hidden):
+            ops = _operands(plan.gemm_dtype, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight,
+                            ref_bias)
+            grads = _Grads(ops, *wants, plan.acc_dtype) if ctx.eager else None
+            g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
+            for r0 in range(0, n, plan.chunk):
+                _forward_chunk(ops, plan, r0, min(r0 + plan.chunk, n), rows, g, grads)
+            if grads is not None:
+                grads.all_reduce_hidden(plan.shard)
         loss_rows, ce, kl, z, final = rows
-        ctx.grads, ctx.plan, ctx.hidden_shape, ctx.weight_dtype = grads, plan, hidden.shape, weight.dtype
+        ctx.grads, ctx.plan, ctx.hidden_shape = grads, plan, hidden.shape
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias,
                                   final)
@@ -190,27 +293,27 @@ class LinearHRMLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
-        if ctx.eager:  # "mean" / "sum": scale the forward's gradients by the scalar grad_loss, in place
+        if ctx.eager:  # "mean" / "sum": scale the forward's gradients by the scalar grad_loss
             if ctx.grads is None:
                 raise RuntimeError(
                     "linear_hrm_loss: a second backward through the same graph is not supported with "
                     "reduction 'mean' or 'sum' (the gradients were computed in the forward and scaled in "
                     "place by the first backward); run the forward again")
             grads, ctx.grads = ctx.grads, None
-            go = grad_loss.float()
-            grads = _Grads(*(None if x is None else x.mul_(go) for x in grads))
+            gh, gw, gb = grads.result(grad_loss.float(), *ctx.dtypes)
         else:          # "none": recompute the logits chunk by chunk, backpropagate the per-row grad_loss
             *tensors, final = ctx.saved_tensors
-            ops, plan = _operands(*tensors), ctx.plan
-            grads = _new_grads(ops, *ctx.needs_input_grad[:3])
-            g, n = grad_loss.float().contiguous(), final.shape[0]
-            for r0 in range(0, n, plan.chunk):
-                r1 = min(r0 + plan.chunk, n)
-                _backward_chunk(ops, plan.call, r0, r1, final, g[r0:r1], grads)
-        gh, gw, gb = grads
+            plan = ctx.plan
+            with no_autocast(final):
+                ops = _operands(plan.gemm_dtype, *tensors)
+                grads = _Grads(ops, *ctx.needs_input_grad[:3], plan.acc_dtype)
+                g, n = grad_loss.float().contiguous(), final.shape[0]
+                for r0 in range(0, n, plan.chunk):
+                    r1 = min(r0 + plan.chunk, n)
+                    _backward_chunk(ops, plan, r0, r1, final, g[r0:r1], grads)
+                grads.all_reduce_hidden(plan.shard)
+                gh, gw, gb = grads.result(None, *ctx.dtypes)
         gh = None if gh is None else gh.view(ctx.hidden_shape)
-        gw = None if gw is None else gw.to(ctx.weight_dtype)
-        gb = None if gb is None else gb.to(ctx.weight_dtype)
         return gh, gw, gb, None, None, None, None, None, None
 
 
@@ -218,11 +321,28 @@ class LinearHRMLossFunction(torch.autograd.Function):
 # Public API (the checks, backend choice and reduction are the front end's: _frontend.py)
 
 
-def _check_chunk_size(chunk_size):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)):
-        raise TypeError(f"chunk_size={chunk_size!r}: expected None or an int")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r}: expected None (automatic) or an int >= 1")
+def _check_chunking(chunk_size, chunk_bytes):
+    for name, value in (("chunk_size", chunk_size), ("chunk_bytes", chunk_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name}={value!r}: expected None or an int")
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value!r}: expected None (automatic) or an int >= 1")
+
+
+def _gemm_dtype(hidden):
+    """Autocast's dtype inside torch.autocast for hidden's device (as F.linear), else hidden's dtype."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+def _check_grad_acc_dtype(grad_acc_dtype, gemm_dtype):
+    """None means fp32; otherwise fp32 or the GEMM dtype."""
+    if grad_acc_dtype is None:
+        return torch.float32
+    if grad_acc_dtype not in (torch.float32, gemm_dtype):
+        raise ValueError(f"grad_acc_dtype={grad_acc_dtype!r}: expected None or torch.float32 (the default), or "
+                         f"the GEMM dtype {gemm_dtype} (a smaller, less accurate accumulator)")
+    return grad_acc_dtype
 
 
 def _detach(x):
@@ -231,8 +351,9 @@ def _detach(x):
 
 def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=None, ref_hidden=None,
                     ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
-                    reduction="mean", return_components=False, chunk_size=None, backend="auto",
-                    label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, check_finite=False):
+                    reduction="mean", return_components=False, chunk_size=None, chunk_bytes=None,
+                    grad_acc_dtype=None, backend="auto", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                    num_items=None, process_group=None, check_finite=False):
     """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
 
     With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (docs/design.md §1):
@@ -242,16 +363,17 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
                  beta KL(p_T || m) + (1 - beta) KL(q_T || m),  m = beta p_T + (1 - beta) q_T  (kl="jsd")
         loss_i = ce_i + hrm * kl_i + z_i,   q_T = softmax(s_i / T),  p_T = softmax(t_i / T)
 
-    computed over chunks of `chunk_size` tokens: peak extra memory O(chunk_size x V) plus the (N, H)
-    gradient of hidden and an fp32 (V, H) accumulator of the gradient of weight (see the module docstring
-    for when the gradient is computed: in the forward for "mean" / "sum", recomputed in the backward
-    for "none").
+    computed over chunks of tokens: peak extra memory O(chunk x V) plus the (N, H) gradient of hidden and
+    the (V, H) accumulator of the gradient of weight (docs/linear.md). GEMMs: 3 student ones of 2 N H V
+    FLOPs (logits, grad of hidden, grad of weight) plus 1 for a reference given as hidden states, all in
+    the inputs' dtype; "none" recomputes the logits in the backward (see the module docstring).
 
     Args:
         hidden: (..., H) float32 / bfloat16 / float16, the student's last hidden states. Receives a
             gradient of its shape and dtype.
-        weight: (V, H), hidden's dtype, the student's output projection. Its gradient is accumulated
-            over chunks in fp32 and returned in its dtype.
+        weight: (V, H), hidden's dtype, the student's output projection. Receives a gradient in its dtype.
+            Inside `torch.autocast`, hidden and weight (and bias, and the reference's) may have different
+            float dtypes: every GEMM then runs in autocast's dtype, as F.linear would.
         labels: (...) = hidden.shape[:-1], int64 or int32, values in [0, V) or `ignore_index`.
         hrm: weight of the divergence, finite and >= 0.
         bias: optional (V,) output bias, weight's dtype (gets a gradient like weight).
@@ -262,8 +384,20 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
         num_items, check_finite: as in `hrm_loss` (the value options may be 0-dim tensors there too).
         return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
-        chunk_size: tokens per chunk; None picks the most rows whose fp32 logits fit in 32 MiB (CPU) or
-            256 MiB (CUDA), at least 1 and at most N (`auto_chunk_rows`).
+        chunk_size: tokens per chunk; wins over chunk_bytes.
+        chunk_bytes: memory budget of one chunk's (chunk, V) buffers (student logits, their gradient, and
+            the reference logits when computed from hidden states, in the GEMM dtype). None: 768 MiB on
+            CUDA, 64 MiB elsewhere (`CHUNK_BYTES`). The chunk is the most rows that fit, rounded down to
+            a multiple of 64, at least 1 and at most N (`chunk_rows`).
+        grad_acc_dtype: dtype of the weight (and bias) gradient accumulator: None or torch.float32
+            (default, accurate: docs/linear.md), or the GEMM dtype (bf16 / fp16), which saves 2 V H bytes
+            and, when it is the weight's dtype, the cast at the end; its error grows with the chunk count.
+        process_group: None, or the `torch.distributed.ProcessGroup` over which the output layer is
+            vocabulary-parallel (Megatron's column-parallel lm_head): rank r passes its rows
+            [r V_l, (r+1) V_l) of weight (and bias, ref_weight, ref_bias, or its columns of ref_logits),
+            V_l equal on every rank; hidden, ref_hidden and labels (global ids) are the same on every
+            rank. The loss is that of the whole vocabulary; weight's gradient is that of this rank's rows,
+            hidden's the full one (summed over the group: do not all-reduce it again).
 
     Returns:
         The fp32 loss (a scalar, or the shape of labels for reduction="none"), or `HRMLossOutput` whose
@@ -271,17 +405,26 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
 
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
-    _check_chunk_size(chunk_size)
-    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias)
+    _check_chunking(chunk_size, chunk_bytes)
+    mixed = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
+    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, mixed)
+    gemm_dtype = _gemm_dtype(hidden)
+    acc_dtype = _check_grad_acc_dtype(grad_acc_dtype, gemm_dtype)
     call = _frontend.make_call(
         dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
              backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap),
-        hidden.device, (hidden.dtype,), return_components=return_components, num_items=num_items,
+        hidden.device, (gemm_dtype,), return_components=return_components, num_items=num_items,
         check_finite=check_finite)
     flat = labels.reshape(-1).contiguous()
     V = weight.shape[0]
-    chunk = chunk_size if chunk_size is not None else auto_chunk_rows(flat.shape[0], V, hidden.device)
-    plan = _Plan(call, int(chunk), torch.is_grad_enabled())
+    shard = None
+    if process_group is not None:
+        from .distributed import vocab_shard
+        shard = vocab_shard(process_group, V, flat)
+    if chunk_size is None:
+        buffers = 2 if ref_logits is not None else 3
+        chunk_size = chunk_rows(flat.shape[0], buffers * V * gemm_dtype.itemsize, hidden.device, chunk_bytes)
+    plan = _Plan(call, int(chunk_size), torch.is_grad_enabled(), gemm_dtype, acc_dtype, shard)
     out = LinearHRMLossFunction.apply(
         hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
     return _frontend.finish(call, *out, labels)
@@ -290,18 +433,19 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
 def _option_names():
     """The keyword-only options of linear_hrm_loss that are not tensors (what LinearHRMLoss stores)."""
     params = inspect.signature(linear_hrm_loss).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _TENSOR_KEYWORDS + ("num_items",)]
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY
+            and p.name not in _TENSOR_KEYWORDS + ("num_items", "process_group")]
 
 
 class LinearHRMLoss(torch.nn.Module):
     """`linear_hrm_loss` as a module: options at construction (the keywords of linear_hrm_loss, same
-    names and defaults), tensors at the call:
+    names and defaults, and `process_group`), tensors at the call:
 
         forward(hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
-                ref_bias=None)
+                ref_bias=None, num_items=None)
     """
 
-    def __init__(self, hrm=1.0, **options):
+    def __init__(self, hrm=1.0, process_group=None, **options):
         super().__init__()
         unknown = sorted(set(options) - set(_option_names()))
         if unknown:
@@ -310,12 +454,17 @@ class LinearHRMLoss(torch.nn.Module):
         self.kwargs = {"hrm": hrm, **options}
         _frontend.validate_options({k: v for k, v in self.kwargs.items() if k in OPTION_NAMES},
                                    options.get("return_components", False), options.get("check_finite", False))
-        _check_chunk_size(options.get("chunk_size"))
+        _check_chunking(options.get("chunk_size"), options.get("chunk_bytes"))
+        if process_group is not None:
+            from .distributed import check_group
+            check_group(process_group)
+        self.process_group = process_group  # not in kwargs: a group is state, not an option to print
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, num_items=None):
         return linear_hrm_loss(hidden, weight, labels, bias=bias, ref_logits=ref_logits, ref_hidden=ref_hidden,
-                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, **self.kwargs)
+                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items,
+                               process_group=self.process_group, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

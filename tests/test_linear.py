@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hrmloss
-from hrmloss.linear import auto_chunk_rows
+from hrmloss.linear import chunk_rows
 
 from .memtrack import StorageTracker, peak_bytes
 from .reference import reference_loss
@@ -296,11 +296,13 @@ def test_bad_arguments_raise_before_compute():
         call(h, w, y, ref_logits=t.to("meta"))
 
 
-def test_auto_chunk_rows_bounds_the_chunk():
-    assert auto_chunk_rows(10, 32000, "cpu") == 10                     # at most N
-    assert auto_chunk_rows(10**6, 32000, "cpu") == 262                 # 32 MiB of fp32 logits
-    assert auto_chunk_rows(10**6, 10**9, "cpu") == 1                   # at least one row
-    assert auto_chunk_rows(10**6, 128000, "cuda") == 524
+def test_chunk_rows_from_the_memory_budget():
+    fp32_two = 2 * 4 * 32000                                       # s and ds in fp32 at V = 32000
+    assert chunk_rows(10, fp32_two, "cpu") == 10                   # at most N
+    assert chunk_rows(10**6, fp32_two, "cpu") == 256               # 64 MiB: 262 rows, down to a multiple of 64
+    assert chunk_rows(10**6, fp32_two, "cpu", chunk_bytes=100 * fp32_two) == 100   # < 128 rows: as they are
+    assert chunk_rows(10**6, 2 * 4 * 10**9, "cpu") == 1            # at least one row
+    assert chunk_rows(8192, 3 * 2 * 128256, "cuda") == 1024        # 768 MiB: s, t, ds in bf16 at V = 128256
 
 
 def test_storage_tracker_counts_live_bytes():
