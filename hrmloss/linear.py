@@ -61,24 +61,28 @@ from ._options import OPTION_NAMES
 # logits s and their gradient ds, plus the reference logits t when they are computed from hidden states,
 # each in the GEMM dtype. Every chunk reads the (V, H) weight three times and the weight-gradient
 # accumulator once, so small chunks turn the loss into weight traffic and small-K GEMMs:
-# - CPU: 64 MiB (256 rows at V = 32000 fp32 with reference logits) was 2x faster than 16 MiB at
-#   N = 2048, H = 1024, and keeps the peak under 1/4 of the naive composition (tests/test_linear.py).
 # - CUDA: 768 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states: GEMMs with
 #   M, K >= 1024 run near peak; s, t and ds (0.73 GiB) stay below the bf16 gradient (0.98 GiB at H = 4096)
 #   that the end of the backward allocates anyway, so they do not raise the peak.
+# - elsewhere (CPU): 64 MiB (256 rows at V = 32000 fp32 with reference logits: 2x faster than 16 MiB at
+#   N = 2048, H = 1024), and at most an eighth of the buffers of all N rows, so that the chunk stays a
+#   small part of what the naive composition holds (peak <= 1/4 of it: tests/test_linear*.py).
 CHUNK_BYTES = {"cuda": 768 << 20}
 CHUNK_BYTES_DEFAULT = 64 << 20
+CHUNK_FRACTION_DEFAULT = 8
 CHUNK_ALIGN = 64
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
-_GRAD_ACC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def chunk_rows(n_rows, buffer_bytes_per_row, device, chunk_bytes=None):
-    """Rows per chunk when chunk_size=None: the most rows whose buffers (bytes per row) fit in chunk_bytes
-    (default CHUNK_BYTES for the device), rounded down to a multiple of CHUNK_ALIGN, in [1, n_rows]."""
-    budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(torch.device(device).type,
-                                                                        CHUNK_BYTES_DEFAULT)
-    rows = budget // max(buffer_bytes_per_row, 1)
+    """Rows per chunk when chunk_size=None: the most rows whose buffers (bytes per row) fit in chunk_bytes,
+    rounded down to a multiple of CHUNK_ALIGN, in [1, n_rows]. chunk_bytes None: CHUNK_BYTES for the
+    device; elsewhere than CUDA, min(CHUNK_BYTES_DEFAULT, the buffers of n_rows / CHUNK_FRACTION_DEFAULT)."""
+    kind = torch.device(device).type
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES.get(kind) or min(CHUNK_BYTES_DEFAULT,
+                                                   n_rows * buffer_bytes_per_row // CHUNK_FRACTION_DEFAULT)
+    rows = chunk_bytes // max(buffer_bytes_per_row, 1)
     if rows >= 2 * CHUNK_ALIGN:
         rows -= rows % CHUNK_ALIGN
     return max(1, min(n_rows, rows))
@@ -90,30 +94,34 @@ def chunk_rows(n_rows, buffer_bytes_per_row, device, chunk_bytes=None):
 _ADDMM_DTYPE = {"usable": True}  # aten::addmm.dtype with an fp32 addend; False once this torch refused it
 
 
+def _fp32_output_gemm(acc, a):
+    """True when acc += a @ b runs as one GEMM with an fp32 output: CUDA, torch.addmm(out_dtype=...) (torch
+    >= 2.8, not traced by torch.compile), not refused before."""
+    return acc.is_cuda and a.dtype != acc.dtype and _ADDMM_DTYPE["usable"] and not torch.compiler.is_compiling()
+
+
 def _accumulate(acc, a, b, scratch):
-    """acc += a @ b with a, b in the GEMM dtype, acc fp32 or that dtype. Returns the scratch it used.
+    """acc += a @ b with a, b in the GEMM dtype and acc fp32 or that dtype.
 
     Same dtype: one GEMM that adds into acc. fp32 acc, bf16 / fp16 operands: on CUDA one cuBLAS GEMM whose
-    fp32 output is also its addend (torch.addmm(..., out_dtype=float32), torch >= 2.8, not traced by
-    torch.compile); elsewhere, or if this torch refuses it, the GEMM in the operands' dtype into a (V, H)
-    scratch (kept across chunks) and one fp32 add, which on a CPU is ~2-4x faster than an fp32 GEMM.
+    fp32 output is also its addend (aten::addmm.dtype); elsewhere, or if this torch refuses it, the GEMM in
+    the operands' dtype into `scratch` ((V, H), reused across chunks) and one fp32 add, which on a CPU is
+    2-4x faster than an fp32 GEMM of upcast operands.
     """
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-        return scratch
-    if acc.is_cuda and _ADDMM_DTYPE["usable"] and not torch.compiler.is_compiling():
+        return
+    if _fp32_output_gemm(acc, a):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return scratch
-        except (RuntimeError, TypeError) as e:  # checked before any work: acc is untouched
+            return
+        except (RuntimeError, TypeError) as e:  # refused before any work: acc is untouched
             _ADDMM_DTYPE["usable"] = False
             warnings.warn(f"hrmloss: torch.addmm(out_dtype=float32) with an fp32 addend is not available "
                           f"({e}); the weight gradient uses a GEMM in {a.dtype} and an fp32 add per chunk")
-    if scratch is None:
-        scratch = a.new_empty((a.shape[0], b.shape[1]))
+    scratch = a.new_empty((a.shape[0], b.shape[1])) if scratch is None else scratch
     torch.mm(a, b, out=scratch)
     acc.add_(scratch)
-    return scratch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,19 +174,19 @@ def _chunk_logits(ops, r0, r1):
     return h, _linear(h, ops.weight, ops.bias), t
 
 
-class _Grads:
-    """The gradient buffers of one call, None where not wanted.
+class _Grads(NamedTuple):
+    """The gradient buffers of one call, None where not wanted (never reassigned: torch.compile traces
+    the Function and only allows in-place tensor updates).
 
     hidden: (N, H) in hidden's dtype, written chunk by chunk; weight, bias: (V, H), (V,) accumulators of
-    `acc_dtype`; scratch: the (V, H) GEMM-dtype buffer of `_accumulate`'s fallback, reused for the result.
+    the accumulator dtype; scratch: the (V, H) GEMM-dtype buffer of `_accumulate` when it needs one, and
+    then the buffer of the weight's gradient in the GEMM dtype at the end.
     """
 
-    def __init__(self, ops, want_hidden, want_weight, want_bias, acc_dtype):
-        n, (V, H) = ops.labels.shape[0], ops.weight.shape
-        self.hidden = ops.h3.new_empty((n, H)) if want_hidden else None
-        self.weight = ops.weight.new_zeros((V, H), dtype=acc_dtype) if want_weight else None
-        self.bias = ops.weight.new_zeros((V,), dtype=acc_dtype) if want_bias and ops.bias is not None else None
-        self.scratch = None
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    scratch: torch.Tensor | None
 
     def add(self, ops, h, ds, r0, r1):
         """Chain rule through s = h @ weight.T + bias for one chunk: ds (c, V) -> the three buffers."""
@@ -188,7 +196,7 @@ class _Grads:
             else:                                        # autocast: hidden kept another dtype
                 self.hidden[r0:r1] = ds @ ops.weight
         if self.weight is not None:
-            self.scratch = _accumulate(self.weight, ds.t(), h, self.scratch)
+            _accumulate(self.weight, ds.t(), h, self.scratch)
         if self.bias is not None:
             self.bias.add_(ds.sum(0, dtype=self.bias.dtype))
 
@@ -208,10 +216,19 @@ class _Grads:
             out = torch.empty_like(x, dtype=dtype) if out is None else out
             return out.copy_(x) if go is None else torch.mul(x, go, out=out)
         scratch = self.scratch if self.scratch is not None and self.scratch.dtype == weight_dtype else None
-        grads = (finish(self.hidden, hidden_dtype), finish(self.weight, weight_dtype, scratch),
-                 finish(self.bias, weight_dtype))
-        self.hidden = self.weight = self.bias = self.scratch = None
-        return grads
+        return (finish(self.hidden, hidden_dtype), finish(self.weight, weight_dtype, scratch),
+                finish(self.bias, weight_dtype))
+
+
+def _new_grads(ops, want_hidden, want_weight, want_bias, acc_dtype):
+    n, (V, H) = ops.labels.shape[0], ops.weight.shape
+    weight = ops.weight.new_zeros((V, H), dtype=acc_dtype) if want_weight else None
+    return _Grads(
+        ops.h3.new_empty((n, H)) if want_hidden else None,
+        weight,
+        ops.weight.new_zeros((V,), dtype=acc_dtype) if want_bias and ops.bias is not None else None,
+        ops.weight.new_empty((V, H)) if want_weight and acc_dtype != ops.dtype
+        and not _fp32_output_gemm(weight, ops.weight) else None)
 
 
 def _chunk_grad(s, t, y, final, g, plan):
@@ -275,7 +292,7 @@ class LinearHRMLossFunction(torch.autograd.Function):
         with no_autocast(hidden):
             ops = _operands(plan.gemm_dtype, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight,
                             ref_bias)
-            grads = _Grads(ops, *wants, plan.acc_dtype) if ctx.eager else None
+            grads = _new_grads(ops, *wants, plan.acc_dtype) if ctx.eager else None
             g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
             for r0 in range(0, n, plan.chunk):
                 _forward_chunk(ops, plan, r0, min(r0 + plan.chunk, n), rows, g, grads)
@@ -306,7 +323,7 @@ class LinearHRMLossFunction(torch.autograd.Function):
             plan = ctx.plan
             with no_autocast(final):
                 ops = _operands(plan.gemm_dtype, *tensors)
-                grads = _Grads(ops, *ctx.needs_input_grad[:3], plan.acc_dtype)
+                grads = _new_grads(ops, *ctx.needs_input_grad[:3], plan.acc_dtype)
                 g, n = grad_loss.float().contiguous(), final.shape[0]
                 for r0 in range(0, n, plan.chunk):
                     r1 = min(r0 + plan.chunk, n)
@@ -387,8 +404,8 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         chunk_size: tokens per chunk; wins over chunk_bytes.
         chunk_bytes: memory budget of one chunk's (chunk, V) buffers (student logits, their gradient, and
             the reference logits when computed from hidden states, in the GEMM dtype). None: 768 MiB on
-            CUDA, 64 MiB elsewhere (`CHUNK_BYTES`). The chunk is the most rows that fit, rounded down to
-            a multiple of 64, at least 1 and at most N (`chunk_rows`).
+            CUDA; elsewhere 64 MiB or those buffers for N / 8 rows, the smaller. The chunk is the most
+            rows that fit, rounded down to a multiple of 64, at least 1 and at most N (`chunk_rows`).
         grad_acc_dtype: dtype of the weight (and bias) gradient accumulator: None or torch.float32
             (default, accurate: docs/linear.md), or the GEMM dtype (bf16 / fp16), which saves 2 V H bytes
             and, when it is the weight's dtype, the cast at the end; its error grows with the chunk count.

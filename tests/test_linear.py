@@ -298,8 +298,9 @@ def test_bad_arguments_raise_before_compute():
 
 def test_chunk_rows_from_the_memory_budget():
     fp32_two = 2 * 4 * 32000                                       # s and ds in fp32 at V = 32000
-    assert chunk_rows(10, fp32_two, "cpu") == 10                   # at most N
+    assert chunk_rows(10, fp32_two, "cpu", chunk_bytes=2**30) == 10  # at most N
     assert chunk_rows(10**6, fp32_two, "cpu") == 256               # 64 MiB: 262 rows, down to a multiple of 64
+    assert chunk_rows(1024, fp32_two, "cpu") == 128                # on a CPU at most N / 8 by default
     assert chunk_rows(10**6, fp32_two, "cpu", chunk_bytes=100 * fp32_two) == 100   # < 128 rows: as they are
     assert chunk_rows(10**6, 2 * 4 * 10**9, "cpu") == 1            # at least one row
     assert chunk_rows(8192, 3 * 2 * 128256, "cuda") == 1024        # 768 MiB: s, t, ds in bf16 at V = 128256
