@@ -462,7 +462,7 @@ class LinearHRMLoss(torch.nn.Module):
                 ref_bias=None, num_items=None)
     """
 
-    def __init__(self, hrm=1.0, process_group=None, **options):
+    def __init__(self, hrm=1.0, *, process_group=None, **options):
         super().__init__()
         unknown = sorted(set(options) - set(_option_names()))
         if unknown:
