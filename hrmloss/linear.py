@@ -64,9 +64,10 @@ from ._options import OPTION_NAMES
 # - CUDA: 768 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states: GEMMs with
 #   M, K >= 1024 run near peak; s, t and ds (0.73 GiB) stay below the bf16 gradient (0.98 GiB at H = 4096)
 #   that the end of the backward allocates anyway, so they do not raise the peak.
-# - elsewhere (CPU): 64 MiB (256 rows at V = 32000 fp32 with reference logits: 2x faster than 16 MiB at
-#   N = 2048, H = 1024), and at most an eighth of the buffers of all N rows, so that the chunk stays a
-#   small part of what the naive composition holds (peak <= 1/4 of it: tests/test_linear*.py).
+# - elsewhere (CPU): 64 MiB, ~256 rows at V = 32000 with fp32 s and ds (the chunk of the earlier rule,
+#   32 MiB of fp32 logits, which measured 2x faster than a quarter of it at N = 2048, H = 1024), and at
+#   most an eighth of the buffers of all N rows, so that the chunk stays a small part of what the naive
+#   composition holds (peak <= 1/4 of it: tests/test_linear*.py).
 CHUNK_BYTES = {"cuda": 768 << 20}
 CHUNK_BYTES_DEFAULT = 64 << 20
 CHUNK_FRACTION_DEFAULT = 8
