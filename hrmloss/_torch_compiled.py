@@ -49,9 +49,17 @@ def compile_enabled():
             and not _state["failed"])
 
 
+def compiled_rows(vocab):
+    """Rows of one compiled call: COMPILED_CHUNK_ELEMS // vocab, at least 1."""
+    return max(1, COMPILED_CHUNK_ELEMS // max(vocab, 1))
+
+
 def _use_compiled(s):
-    return (compile_enabled() and s.device.type == "cpu" and s.numel() >= COMPILE_MIN_ELEMS
-            and not torch.compiler.is_compiling())
+    # at least COMPILE_MIN_ELEMS logits, or one full compiled call (whose rows x V fall short of it by
+    # less than one row)
+    V = s.shape[-1]
+    return (compile_enabled() and s.device.type == "cpu"
+            and s.numel() >= min(COMPILE_MIN_ELEMS, compiled_rows(V) * V) and not torch.compiler.is_compiling())
 
 
 def _stats_into(out, s, t, labels, params, st, vocab_start):
@@ -79,7 +87,7 @@ def _compiled(fn):
 def _uniform_chunks(s):
     """(r0, r1, index) of equal-size row chunks of s (B, T, V), index selecting s[b:b+1, i:i+rows]."""
     B, T_rows, V = s.shape
-    step = min(T_rows, max(1, COMPILED_CHUNK_ELEMS // max(V, 1)))
+    step = min(T_rows, compiled_rows(V))
     for b in range(B):
         for i in range(0, T_rows, step):
             i = min(i, T_rows - step)  # the last chunk overlaps its predecessor instead of being shorter

@@ -55,19 +55,20 @@ from ._function import forward_rows, grad_rows, vocab_range
 from ._layout import FINAL
 from ._ops import no_autocast
 from ._options import OPTION_NAMES
+from ._torch_compiled import compiled_rows
 
-# Automatic chunk: the most rows whose per-chunk (c, V) buffers fit in `chunk_bytes` (>= 1 row, <= N rows,
-# a multiple of CHUNK_ALIGN rows when there are at least two such multiples). The buffers are the student
-# logits s and their gradient ds, plus the reference logits t when they are computed from hidden states,
-# each in the GEMM dtype. Every chunk reads the (V, H) weight three times and the weight-gradient
-# accumulator once, so small chunks turn the loss into weight traffic and small-K GEMMs:
-# - CUDA: 768 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states: GEMMs with
-#   M, K >= 1024 run near peak; s, t and ds (0.73 GiB) stay below the bf16 gradient (0.98 GiB at H = 4096)
-#   that the end of the backward allocates anyway, so they do not raise the peak.
-# - elsewhere (CPU): 64 MiB, ~256 rows at V = 32000 with fp32 s and ds (the chunk of the earlier rule,
-#   32 MiB of fp32 logits, which measured 2x faster than a quarter of it at N = 2048, H = 1024), and at
-#   most an eighth of the buffers of all N rows, so that the chunk stays a small part of what the naive
-#   composition holds (peak <= 1/4 of it: tests/test_linear*.py).
+# Automatic chunk: the most rows whose per-chunk (c, V) buffers fit in `chunk_bytes`. The buffers are the
+# student logits s and their gradient ds, plus the reference logits t when they are computed from hidden
+# states, each in the GEMM dtype. Every chunk reads the (V, H) weight three times and the weight-gradient
+# accumulator once, so small chunks turn the loss into weight traffic and small-K GEMMs.
+# - CUDA: 768 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states (rounded down to a
+#   multiple of CHUNK_ALIGN rows): GEMMs with M, K >= 1024 run near peak; s, t and ds (0.73 GiB) stay
+#   below the bf16 gradient (0.98 GiB at H = 4096) that the end of the backward allocates anyway.
+# - elsewhere (CPU) by default: an eighth of the N rows and at most 64 MiB (~260 rows at V = 32000 with
+#   fp32 s and ds), so that the chunk stays a small part of what the naive composition holds (peak <= 1/4
+#   of it: tests/test_linear*.py), in whole calls of the torch backend's compiled passes (at least one:
+#   smaller calls, and a short last chunk, would run them eagerly, several times slower). A last chunk
+#   shorter than one such call joins the one before it.
 CHUNK_BYTES = {"cuda": 768 << 20}
 CHUNK_BYTES_DEFAULT = 64 << 20
 CHUNK_FRACTION_DEFAULT = 8
@@ -75,18 +76,28 @@ CHUNK_ALIGN = 64
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
 
 
-def chunk_rows(n_rows, buffer_bytes_per_row, device, chunk_bytes=None):
-    """Rows per chunk when chunk_size=None: the most rows whose buffers (bytes per row) fit in chunk_bytes,
-    rounded down to a multiple of CHUNK_ALIGN, in [1, n_rows]. chunk_bytes None: CHUNK_BYTES for the
-    device; elsewhere than CUDA, min(CHUNK_BYTES_DEFAULT, the buffers of n_rows / CHUNK_FRACTION_DEFAULT)."""
+def chunk_rows(n_rows, vocab, buffer_bytes_per_row, device, chunk_bytes=None):
+    """Rows per chunk when chunk_size=None, in [1, n_rows]: the most rows whose buffers (bytes per row) fit
+    in chunk_bytes, or by default CHUNK_BYTES[device], rounded down to a multiple of CHUNK_ALIGN; elsewhere
+    by default min(n_rows / CHUNK_FRACTION_DEFAULT, CHUNK_BYTES_DEFAULT) in whole compiled calls (>= 1)."""
     kind = torch.device(device).type
-    if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES.get(kind) or min(CHUNK_BYTES_DEFAULT,
-                                                   n_rows * buffer_bytes_per_row // CHUNK_FRACTION_DEFAULT)
-    rows = chunk_bytes // max(buffer_bytes_per_row, 1)
-    if rows >= 2 * CHUNK_ALIGN:
-        rows -= rows % CHUNK_ALIGN
+    if chunk_bytes is None and kind not in CHUNK_BYTES:
+        call = compiled_rows(vocab)
+        rows = min(CHUNK_BYTES_DEFAULT // buffer_bytes_per_row, n_rows // CHUNK_FRACTION_DEFAULT)
+        rows = call * max(1, rows // call)
+    else:
+        rows = (chunk_bytes if chunk_bytes is not None else CHUNK_BYTES[kind]) // buffer_bytes_per_row
+        if rows >= 2 * CHUNK_ALIGN:
+            rows -= rows % CHUNK_ALIGN
     return max(1, min(n_rows, rows))
+
+
+def chunk_bounds(n_rows, chunk, min_last=1):
+    """(r0, r1) of consecutive chunks of `chunk` rows; a last chunk shorter than min_last joins the one before."""
+    starts = list(range(0, n_rows, chunk))
+    if len(starts) > 1 and n_rows - starts[-1] < min_last:
+        starts.pop()
+    return tuple(zip(starts, starts[1:] + [n_rows]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,7 +276,7 @@ class _Plan(NamedTuple):
     """The non-tensor arguments of one call."""
 
     call: Call                # the front end's validated call (options, structure, backend, params, num_items)
-    chunk: int                # rows per chunk
+    chunks: tuple             # (r0, r1) of each chunk of rows
     grad_enabled: bool        # autograd was on at the call (Function.forward runs with it off)
     gemm_dtype: torch.dtype   # every GEMM's operand dtype
     acc_dtype: torch.dtype    # the weight / bias gradient accumulator's dtype
@@ -295,8 +306,8 @@ class LinearHRMLossFunction(torch.autograd.Function):
                             ref_bias)
             grads = _new_grads(ops, *wants, plan.acc_dtype) if ctx.eager else None
             g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
-            for r0 in range(0, n, plan.chunk):
-                _forward_chunk(ops, plan, r0, min(r0 + plan.chunk, n), rows, g, grads)
+            for r0, r1 in plan.chunks:
+                _forward_chunk(ops, plan, r0, r1, rows, g, grads)
             if grads is not None:
                 grads.all_reduce_hidden(plan.shard)
         loss_rows, ce, kl, z, final = rows
@@ -325,9 +336,8 @@ class LinearHRMLossFunction(torch.autograd.Function):
             with no_autocast(final):
                 ops = _operands(plan.gemm_dtype, *tensors)
                 grads = _new_grads(ops, *ctx.needs_input_grad[:3], plan.acc_dtype)
-                g, n = grad_loss.float().contiguous(), final.shape[0]
-                for r0 in range(0, n, plan.chunk):
-                    r1 = min(r0 + plan.chunk, n)
+                g = grad_loss.float().contiguous()
+                for r0, r1 in plan.chunks:
                     _backward_chunk(ops, plan, r0, r1, final, g[r0:r1], grads)
                 grads.all_reduce_hidden(plan.shard)
                 gh, gw, gb = grads.result(None, *ctx.dtypes)
@@ -405,8 +415,9 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         chunk_size: tokens per chunk; wins over chunk_bytes.
         chunk_bytes: memory budget of one chunk's (chunk, V) buffers (student logits, their gradient, and
             the reference logits when computed from hidden states, in the GEMM dtype). None: 768 MiB on
-            CUDA; elsewhere 64 MiB or those buffers for N / 8 rows, the smaller. The chunk is the most
-            rows that fit, rounded down to a multiple of 64, at least 1 and at most N (`chunk_rows`).
+            CUDA (rounded down to a multiple of 64 rows); elsewhere N / 8 rows, but at least the 4M
+            logits that the compiled CPU passes take and at most 64 MiB. At least 1 and at most N rows
+            (`chunk_rows`; docs/linear.md).
         grad_acc_dtype: dtype of the weight (and bias) gradient accumulator: None or torch.float32
             (default, accurate: docs/linear.md), or the GEMM dtype (bf16 / fp16), which saves 2 V H bytes
             and, when it is the weight's dtype, the cast at the end; its error grows with the chunk count.
@@ -439,10 +450,14 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     if process_group is not None:
         from .distributed import vocab_shard
         shard = vocab_shard(process_group, V, flat)
+    n, min_last = flat.shape[0], 1
     if chunk_size is None:
         buffers = 2 if ref_logits is not None else 3
-        chunk_size = chunk_rows(flat.shape[0], buffers * V * gemm_dtype.itemsize, hidden.device, chunk_bytes)
-    plan = _Plan(call, int(chunk_size), torch.is_grad_enabled(), gemm_dtype, acc_dtype, shard)
+        chunk_size = chunk_rows(n, V, buffers * V * gemm_dtype.itemsize, hidden.device, chunk_bytes)
+        if chunk_bytes is None and hidden.device.type == "cpu":
+            min_last = compiled_rows(V)  # a shorter last chunk would run the loss passes eagerly
+    plan = _Plan(call, chunk_bounds(n, int(chunk_size), min_last), torch.is_grad_enabled(), gemm_dtype, acc_dtype,
+                 shard)
     out = LinearHRMLossFunction.apply(
         hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
     return _frontend.finish(call, *out, labels)

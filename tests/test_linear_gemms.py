@@ -208,8 +208,8 @@ def test_peak_memory_quarter_of_naive_bf16_with_a_reference_from_hidden_states(a
     # bf16, reference given as hidden + weight; tests/test_linear.py checks fp32 with reference logits.
     # The fused peak is the chunk buffers + the accumulator (4 V H bytes, + 2 V H for the bf16 result;
     # 2 V H with a bf16 accumulator) + the (N, H) gradient of hidden; the naive one ~3 N V x 2 bytes +
-    # 2 V H: a quarter of it as long as N is several times H (here N = 16 H).
-    N, H, V = 2048, 128, 16000
+    # 2 V H: a quarter of it as long as N is several times H (here N = 32 H).
+    N, H, V = 4096, 128, 16000
     case = _case(N=N, H=H, V=V, H_ref=H, seed=7)
     h, w, y = case["hidden"], case["weight"], case["labels"]
 
