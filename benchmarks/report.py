@@ -5,7 +5,7 @@
 Tables: median time and its ratio to hrmloss's per provider; peak live bytes above the inputs in NVs;
 Triton memory traffic in NVs (floor 3, design 5); on CUDA achieved GB/s against the device's peak.
 Entries of later files replace same-named entries of earlier ones. Nothing here is typed by hand but
-the performance model of DESIGN.md §3, quoted.
+the performance model of docs/design.md §6, quoted.
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ OURS = {"loss": "hrmloss", "linear": "hrmloss-linear"}
 PROVIDERS = {"loss": LOSS_PROVIDERS, "linear": LINEAR_PROVIDERS}
 FLOOR_NVS = {"forward": 2, "forward+backward": 3}  # read s and t (and write the gradient) once
 TRAFFIC_MODEL = """\
-NVs = bytes of one logits tensor (tokens x vocab x element size). From DESIGN.md §3:
+NVs = bytes of one logits tensor (tokens x vocab x element size). From docs/design.md §6:
 
 | scheme | memory traffic, fwd+bwd |
 | --- | --- |

@@ -1,6 +1,6 @@
 """Global-memory bytes of the Triton kernels, counted in the Triton interpreter, in NVs.
 
-NVs = bytes of one logits tensor. The design (DESIGN.md §3) is 5 NVs forward + backward for hrmloss
+NVs = bytes of one logits tensor. The design (docs/design.md §6) is 5 NVs forward + backward for hrmloss
 (2 forward), the physical floor 3. Only Triton loads and stores are counted: the PyTorch glue around
 Liger's kernels (log_softmax of both logits, index_select of the counted rows, the sum of the two
 gradients) is not, so its composed row is a lower bound.

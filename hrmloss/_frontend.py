@@ -10,13 +10,14 @@ parallel path (distributed.py) all go through here:
 Every check here raises ValueError / TypeError naming the argument, before any pass runs; the checks
 that read data (labels, tensor-valued options) run inside the first pass (_ops.row_stats).
 """
+import inspect
 import numbers
 from typing import NamedTuple
 
 import torch
 
 from . import _backends
-from ._options import LossOptions, Structure
+from ._options import OPTION_NAMES, LossOptions, Structure
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH_ONLY_DTYPES = (torch.float64,)  # the torch backend also runs float64 (gradcheck)
@@ -188,11 +189,18 @@ def make_call(options, device, dtypes, *, return_components=False, num_items=Non
                 check_finite)
 
 
-def validate_options(options, return_components=False, check_finite=False):
-    """What a module checks at construction (the device is known only at the call)."""
-    LossOptions(**options)
-    check_bool("return_components", return_components)
-    check_bool("check_finite", check_finite)
+def module_options(module, fn, options, per_call=()):
+    """The options a module (HRMLoss, LinearHRMLoss) stores for `fn`: its parameters with a default (hrm
+    and the keywords) but the per-call ones, checked at construction (the device is known only then)."""
+    names = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.default is not p.empty and p.name not in per_call]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"{module} got unexpected option(s) {unknown}: expected some of {names}")
+    LossOptions(**{k: v for k, v in options.items() if k in OPTION_NAMES})
+    check_bool("return_components", options.get("return_components", False))
+    check_bool("check_finite", options.get("check_finite", False))
+    return options
 
 
 def mean_denominator(live, num_items=None):

@@ -9,7 +9,8 @@ row. Eager PyTorch reads and writes every (rows, V) temporary; the compiled chun
 When the compiled path is taken (checked per call, nothing happens at import):
 - the environment variable HRMLOSS_COMPILE is not "0" (read at every call), `torch.compile` exists and
   has not failed before in this process (the first failure warns once and turns it off);
-- the tensors are on the CPU and not already being traced by an outer `torch.compile`;
+- the tensors are on the CPU, not already being traced by an outer `torch.compile` and not under a
+  Python dispatch mode (a TorchDispatchMode such as a memory tracker);
 - the work is at least COMPILE_MIN_ELEMS elements, so small calls (and tests) never pay a compile.
 Otherwise every call goes to the eager _torch functions.
 
@@ -55,11 +56,18 @@ def compiled_rows(vocab):
 
 
 def _use_compiled(s):
-    # at least COMPILE_MIN_ELEMS logits, or one full compiled call (whose rows x V fall short of it by
-    # less than one row)
+    # at least COMPILE_MIN_ELEMS logits, or one full compiled call (whose rows x V fall short of it by less
+    # than a row); not under an outer torch.compile (it fuses the eager chunk itself), nor under a Python
+    # dispatch mode (a memory tracker, FLOP counter, ...), which Inductor cannot compile through
     V = s.shape[-1]
     return (compile_enabled() and s.device.type == "cpu"
-            and s.numel() >= min(COMPILE_MIN_ELEMS, compiled_rows(V) * V) and not torch.compiler.is_compiling())
+            and s.numel() >= min(COMPILE_MIN_ELEMS, compiled_rows(V) * V)
+            and not torch.compiler.is_compiling() and not _python_dispatch_mode_active())
+
+
+def _python_dispatch_mode_active():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode() is not None
 
 
 def _stats_into(out, s, t, labels, params, st, vocab_start):

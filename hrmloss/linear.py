@@ -41,7 +41,6 @@ of 2 c H V FLOPs against ~5 c V bytes of memory-bound loss passes); the next chu
 overlap this chunk's loss kernels on a second stream, but a GEMM of that size fills every SM, so little
 would run concurrently, and two chunks in flight would double the chunk buffers (docs/linear.md).
 """
-import inspect
 import numbers
 import warnings
 from typing import NamedTuple
@@ -54,7 +53,6 @@ from ._frontend import Call
 from ._function import forward_rows, grad_rows, vocab_range
 from ._layout import FINAL
 from ._ops import no_autocast
-from ._options import OPTION_NAMES
 from ._torch_compiled import compiled_rows
 
 # Automatic chunk: the most rows whose per-chunk (c, V) buffers fit in `chunk_bytes`. The buffers are the
@@ -463,41 +461,27 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     return _frontend.finish(call, *out, labels)
 
 
-def _option_names():
-    """The keyword-only options of linear_hrm_loss that are not tensors (what LinearHRMLoss stores)."""
-    params = inspect.signature(linear_hrm_loss).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY
-            and p.name not in _TENSOR_KEYWORDS + ("num_items", "process_group")]
-
-
 class LinearHRMLoss(torch.nn.Module):
-    """`linear_hrm_loss` as a module: options at construction (the keywords of linear_hrm_loss, same
-    names and defaults, and `process_group`), tensors at the call:
+    """`linear_hrm_loss` as a module: the keywords of linear_hrm_loss (same names and defaults, including
+    `process_group`) at construction, tensors at the call:
 
         forward(hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, num_items=None)
     """
 
-    def __init__(self, hrm=1.0, *, process_group=None, **options):
+    def __init__(self, hrm=1.0, **options):
         super().__init__()
-        unknown = sorted(set(options) - set(_option_names()))
-        if unknown:
-            raise TypeError(f"LinearHRMLoss got unexpected option(s) {unknown}: expected some of "
-                            f"{_option_names()}")
-        self.kwargs = {"hrm": hrm, **options}
-        _frontend.validate_options({k: v for k, v in self.kwargs.items() if k in OPTION_NAMES},
-                                   options.get("return_components", False), options.get("check_finite", False))
+        self.kwargs = _frontend.module_options("LinearHRMLoss", linear_hrm_loss, {"hrm": hrm, **options},
+                                               per_call=_TENSOR_KEYWORDS + ("num_items",))
         _check_chunking(options.get("chunk_size"), options.get("chunk_bytes"))
-        if process_group is not None:
+        if options.get("process_group") is not None:
             from .distributed import check_group
-            check_group(process_group)
-        self.process_group = process_group  # not in kwargs: a group is state, not an option to print
+            check_group(options["process_group"])
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, num_items=None):
         return linear_hrm_loss(hidden, weight, labels, bias=bias, ref_logits=ref_logits, ref_hidden=ref_hidden,
-                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items,
-                               process_group=self.process_group, **self.kwargs)
+                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, **self.kwargs)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "process_group")

@@ -87,30 +87,24 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
 
 
 class HRMLoss(torch.nn.Module):
-    """`hrm_loss` as a module: options at construction, `forward(logits, ref_logits, labels, num_items=None)`.
+    """`hrm_loss` as a module: the keywords of `hrm_loss` (same names and defaults) at construction,
+    `forward(logits, ref_logits, labels, num_items=None)` at the call.
 
     The options are kept in `self.kwargs`; a value option may be a 0-dim tensor that a schedule updates
     in place (`hrm.fill_(x)`), or be replaced (`criterion.kwargs["hrm"] = x`): neither recompiles.
     """
 
-    def __init__(self, hrm=1.0, *, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
-                 reduction="mean", return_components=False, backend="auto", label_smoothing=0.0,
-                 z_loss=0.0, softcap=None, process_group=None, check_finite=False):
+    def __init__(self, hrm=1.0, **options):
         super().__init__()
-        options = dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index,
-                       reduction=reduction, backend=backend, label_smoothing=label_smoothing,
-                       z_loss=z_loss, softcap=softcap)
-        _frontend.validate_options(options, return_components, check_finite)  # fail here, not at the first call
-        self.kwargs = dict(options, return_components=return_components, check_finite=check_finite)
-        if process_group is not None:
+        self.kwargs = _frontend.module_options("HRMLoss", hrm_loss, {"hrm": hrm, **options},
+                                               per_call=("num_items",))
+        if options.get("process_group") is not None:
             from .distributed import check_group
-            check_group(process_group)
-        self.process_group = process_group  # not in kwargs: a group is state, not an option to print
+            check_group(options["process_group"])
 
     def forward(self, logits, ref_logits, labels, num_items=None):
         """The loss of `hrm_loss` with this module's options; `num_items` per call (it changes per batch)."""
-        return hrm_loss(logits, ref_logits, labels, num_items=num_items, **self.kwargs,
-                        process_group=self.process_group)
+        return hrm_loss(logits, ref_logits, labels, num_items=num_items, **self.kwargs)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "process_group")

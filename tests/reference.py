@@ -1,4 +1,4 @@
-"""The test oracle: the loss of DESIGN.md §1 in float64, composed from torch.nn.functional only.
+"""The test oracle: the loss of docs/design.md §1 in float64, composed from torch.nn.functional only.
 
 Never imports hrmloss. Gradients come from autograd through these primitives.
 """

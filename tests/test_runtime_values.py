@@ -173,3 +173,15 @@ def test_float64_logits_give_a_float64_loss():
     assert all(x.dtype == torch.float64 for x in out)
     out = hrmloss.hrm_loss(s, t, y, backend="torch", return_components=True)
     assert all(x.dtype == torch.float32 for x in out)
+
+
+def test_params_layout_names_every_value_option():
+    # the kernels read the values by their PARAMS index: the layout must list exactly the value options
+    import dataclasses
+    from hrmloss._layout import PARAMS
+    from hrmloss._options import LossOptions
+    values = [f.name for f in dataclasses.fields(LossOptions) if "range" in f.metadata]
+    assert sorted(PARAMS) == sorted(values)
+    opts = LossOptions(**VALUES)
+    params = opts.params(torch.device("cpu"), torch.float32)
+    assert [params[PARAMS.index(k)].item() for k in VALUES] == pytest.approx(list(VALUES.values()))

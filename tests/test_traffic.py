@@ -1,4 +1,4 @@
-"""Bytes the Triton kernels move, counted under the interpreter, as multiples of NVs (DESIGN.md §3)."""
+"""Bytes the Triton kernels move, counted under the interpreter, as multiples of NVs (docs/design.md §6)."""
 import pytest
 import torch
 
