@@ -77,12 +77,13 @@ _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias"
 def chunk_rows(n_rows, vocab, buffer_bytes_per_row, device, chunk_bytes=None):
     """Rows per chunk when chunk_size=None, in [1, n_rows]: the most rows whose buffers (bytes per row) fit
     in chunk_bytes, or by default CHUNK_BYTES[device], rounded down to a multiple of CHUNK_ALIGN; elsewhere
-    by default min(n_rows / CHUNK_FRACTION_DEFAULT, CHUNK_BYTES_DEFAULT) in whole compiled calls (>= 1)."""
+    by default min(n_rows / CHUNK_FRACTION_DEFAULT, CHUNK_BYTES_DEFAULT), to the nearest whole number of
+    compiled calls (>= 1)."""
     kind = torch.device(device).type
     if chunk_bytes is None and kind not in CHUNK_BYTES:
         call = compiled_rows(vocab)
         rows = min(CHUNK_BYTES_DEFAULT // buffer_bytes_per_row, n_rows // CHUNK_FRACTION_DEFAULT)
-        rows = call * max(1, rows // call)
+        rows = call * max(1, round(rows / call))
     else:
         rows = (chunk_bytes if chunk_bytes is not None else CHUNK_BYTES[kind]) // buffer_bytes_per_row
         if rows >= 2 * CHUNK_ALIGN:
@@ -110,13 +111,18 @@ def _fp32_output_gemm(acc, a):
     return acc.is_cuda and a.dtype != acc.dtype and _ADDMM_DTYPE["usable"] and not torch.compiler.is_compiling()
 
 
-def _accumulate(acc, a, b, scratch):
+SCRATCH_CHUNKS = 4  # chunks summed in the GEMM-dtype scratch before one fp32 add into the accumulator
+
+
+def _accumulate(acc, a, b, scratch, first, flush):
     """acc += a @ b with a, b in the GEMM dtype and acc fp32 or that dtype.
 
     Same dtype: one GEMM that adds into acc. fp32 acc, bf16 / fp16 operands: on CUDA one cuBLAS GEMM whose
-    fp32 output is also its addend (aten::addmm.dtype); elsewhere, or if this torch refuses it, the GEMM in
-    the operands' dtype into `scratch` ((V, H), reused across chunks) and one fp32 add, which on a CPU is
-    2-4x faster than an fp32 GEMM of upcast operands.
+    fp32 output is also its addend (aten::addmm.dtype). Elsewhere, or if this torch refuses it, GEMMs in
+    the operands' dtype into `scratch` ((V, H), reused), which sums up to SCRATCH_CHUNKS chunks (`first`
+    starts a sum) before one fp32 add into acc (`flush`): the add is a pass over V H that would cost as
+    much as a small chunk's GEMM; 4 chunks in bf16 add ~1e-3 of relative error (docs/linear.md). On a
+    CPU this is 2-4x faster than an fp32 GEMM of upcast operands.
     """
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
@@ -129,9 +135,15 @@ def _accumulate(acc, a, b, scratch):
             _ADDMM_DTYPE["usable"] = False
             warnings.warn(f"hrmloss: torch.addmm(out_dtype=float32) with an fp32 addend is not available "
                           f"({e}); the weight gradient uses a GEMM in {a.dtype} and an fp32 add per chunk")
-    scratch = a.new_empty((a.shape[0], b.shape[1])) if scratch is None else scratch
-    torch.mm(a, b, out=scratch)
-    acc.add_(scratch)
+            first, flush = True, True  # the scratch below is this call's own
+    if scratch is None:
+        scratch = a.new_empty((a.shape[0], b.shape[1]))
+    if first:
+        torch.mm(a, b, out=scratch)
+    else:
+        scratch.addmm_(a, b)
+    if flush:
+        acc.add_(scratch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,15 +210,16 @@ class _Grads(NamedTuple):
     bias: torch.Tensor | None
     scratch: torch.Tensor | None
 
-    def add(self, ops, h, ds, r0, r1):
-        """Chain rule through s = h @ weight.T + bias for one chunk: ds (c, V) -> the three buffers."""
+    def add(self, ops, h, ds, r0, r1, k, n_chunks):
+        """Chain rule through s = h @ weight.T + bias for chunk k of n_chunks: ds (c, V) -> the buffers."""
         if self.hidden is not None:
             if self.hidden.dtype == ds.dtype:
                 torch.mm(ds, ops.weight, out=self.hidden[r0:r1])
             else:                                        # autocast: hidden kept another dtype
                 self.hidden[r0:r1] = ds @ ops.weight
         if self.weight is not None:
-            _accumulate(self.weight, ds.t(), h, self.scratch)
+            _accumulate(self.weight, ds.t(), h, self.scratch, first=k % SCRATCH_CHUNKS == 0,
+                        flush=k % SCRATCH_CHUNKS == SCRATCH_CHUNKS - 1 or k == n_chunks - 1)
         if self.bias is not None:
             self.bias.add_(ds.sum(0, dtype=self.bias.dtype))
 
@@ -247,10 +260,11 @@ def _chunk_grad(s, t, y, final, g, plan):
                      vocab_range(s, plan.shard), False)[0]
 
 
-def _forward_chunk(ops, plan, r0, r1, rows, g, grads):
-    """Loss statistics of rows [r0, r1) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32 row
-    weight) also the gradients with that weight on every row. Its (c, V) buffers die when it returns."""
+def _forward_chunk(ops, plan, k, rows, g, grads):
+    """Loss statistics of chunk k (rows [r0, r1)) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32
+    row weight) also the gradients with that weight on every row. Its (c, V) buffers die when it returns."""
     call = plan.call
+    r0, r1 = plan.chunks[k]
     h, s, t = _chunk_logits(ops, r0, r1)
     y = ops.labels[r0:r1]
     out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard)
@@ -259,15 +273,16 @@ def _forward_chunk(ops, plan, r0, r1, rows, g, grads):
     if g is not None:
         ds = _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0), plan)
         del s, t  # before the two gradient GEMMs: only ds is live
-        grads.add(ops, h, ds, r0, r1)
+        grads.add(ops, h, ds, r0, r1, k, len(plan.chunks))
 
 
-def _backward_chunk(ops, plan, r0, r1, final, g, grads):
-    """Recompute the logits of rows [r0, r1) and backpropagate per-row weights g (c,) fp32."""
+def _backward_chunk(ops, plan, k, final, g, grads):
+    """Recompute the logits of chunk k and backpropagate per-row weights g (N,) fp32."""
+    r0, r1 = plan.chunks[k]
     h, s, t = _chunk_logits(ops, r0, r1)
-    ds = _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g, plan)
+    ds = _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g[r0:r1], plan)
     del s, t
-    grads.add(ops, h, ds, r0, r1)
+    grads.add(ops, h, ds, r0, r1, k, len(plan.chunks))
 
 
 class _Plan(NamedTuple):
@@ -304,8 +319,8 @@ class LinearHRMLossFunction(torch.autograd.Function):
                             ref_bias)
             grads = _new_grads(ops, *wants, plan.acc_dtype) if ctx.eager else None
             g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
-            for r0, r1 in plan.chunks:
-                _forward_chunk(ops, plan, r0, r1, rows, g, grads)
+            for k in range(len(plan.chunks)):
+                _forward_chunk(ops, plan, k, rows, g, grads)
             if grads is not None:
                 grads.all_reduce_hidden(plan.shard)
         loss_rows, ce, kl, z, final = rows
@@ -335,8 +350,8 @@ class LinearHRMLossFunction(torch.autograd.Function):
                 ops = _operands(plan.gemm_dtype, *tensors)
                 grads = _new_grads(ops, *ctx.needs_input_grad[:3], plan.acc_dtype)
                 g = grad_loss.float().contiguous()
-                for r0, r1 in plan.chunks:
-                    _backward_chunk(ops, plan, r0, r1, final, g[r0:r1], grads)
+                for k in range(len(plan.chunks)):
+                    _backward_chunk(ops, plan, k, final, g, grads)
                 grads.all_reduce_hidden(plan.shard)
                 gh, gw, gb = grads.result(None, *ctx.dtypes)
         gh = None if gh is None else gh.view(ctx.hidden_shape)

@@ -306,6 +306,8 @@ def test_chunk_rows_from_the_memory_budget():
     # CPU default: N / 8 rows, at most 64 MiB, in whole compiled calls of 2^22 // 32000 = 131 rows (>= 1)
     assert chunk_rows(4096, 32000, fp32_two, "cpu") == 262         # 64 MiB: 262 rows = 2 calls
     assert chunk_rows(1024, 32000, fp32_two, "cpu") == 131         # N / 8 = 128 rows: one call
+    assert chunk_rows(2048, 32000, fp32_two, "cpu") == 262         # N / 8 = 256 rows: nearer two calls
+    assert chunk_rows(512, 32000, fp32_two, "cpu") == 131          # N / 8 = 64 rows: at least one call
 
 
 def test_chunk_bounds_join_a_short_last_chunk():

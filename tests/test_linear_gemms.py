@@ -12,8 +12,9 @@ from .reference import reference_loss
 
 _ATEN = torch.ops.aten
 # the matmul family as the dispatcher sees it (matmul, linear, einsum decompose into these)
-GEMM_OPS = {_ATEN.mm, _ATEN.addmm, _ATEN.bmm, _ATEN.baddbmm, _ATEN.addbmm, _ATEN.mv, _ATEN.addmv, _ATEN.dot,
-            _ATEN._addmm_activation, _ATEN.matmul, _ATEN.linear}
+GEMM_OPS = {_ATEN.mm, _ATEN.addmm, _ATEN.addmm_, _ATEN.bmm, _ATEN.baddbmm, _ATEN.baddbmm_, _ATEN.addbmm,
+            _ATEN.addbmm_, _ATEN.mv, _ATEN.addmv, _ATEN.addmv_, _ATEN.dot, _ATEN._addmm_activation, _ATEN.matmul,
+            _ATEN.linear}
 
 
 class GemmLog(TorchDispatchMode):
@@ -74,6 +75,15 @@ def test_gemms_run_in_bf16_with_the_expected_flops(reduction, student, reference
     assert sum(f for _, _, f in log.gemms) == student * 2 * N * H * V + reference * 2 * N * H_ref * V
     assert log.upcasts == [], log.upcasts  # no fp32 copy of hidden, weight, ds or the logits outside the passes
     assert case["weight"].grad.dtype == torch.bfloat16 and case["hidden"].grad.dtype == torch.bfloat16
+
+
+def test_fp32_inputs_accumulate_with_in_place_gemms():
+    case = _case(dtype=torch.float32)
+    N, H, V, H_ref = 96, 32, 160, 24
+    with GemmLog(big=N) as log:
+        _run(case, chunk_size=40)
+    assert sum(f for _, _, f in log.gemms) == 3 * 2 * N * H * V + 2 * N * H_ref * V
+    assert any("addmm_" in name for name, _, _ in log.gemms)
 
 
 def test_frozen_weight_or_no_grad_skip_the_gradient_gemms():
