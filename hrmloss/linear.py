@@ -17,8 +17,9 @@ a chunk of hidden, of ds or of the weight is ever made: bf16 inputs mean bf16 GE
 inside each GEMM). Across chunks the weight gradient is summed into an accumulator of `grad_acc_dtype`:
 
     fp32 (default)  CUDA: one cuBLAS call per chunk, bf16 operands and an fp32 output that is also the
-                    addend (aten::addmm.dtype); CPU, or a torch without it: the chunk's bf16 GEMM into a
-                    (V, H) scratch, then one fp32 add. Error against float64 ~ bf16's rounding of the result.
+                    addend (aten::addmm.dtype); CPU, or a torch without it: bf16 GEMMs summed in a (V, H)
+                    bf16 scratch over up to 4 chunks, then one fp32 add. Error against float64 ~ that of
+                    the naive bf16 composition (docs/linear.md).
     weight's dtype  acc.addmm_(ds.T, h): bf16 in, bf16 out, every chunk rounds the running sum; saves the
                     fp32 accumulator's 4 V H bytes (docs/linear.md gives both errors).
 
