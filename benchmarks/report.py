@@ -10,6 +10,7 @@ the performance model of docs/design.md §6, quoted.
 import argparse
 import json
 import os
+import re
 from collections import defaultdict
 
 from .providers import LINEAR_PROVIDERS, LOSS_PROVIDERS
@@ -285,8 +286,9 @@ def main(argv=None):
     os.makedirs(args.images, exist_ok=True)
     rel = os.path.relpath(args.images, os.path.dirname(os.path.abspath(args.out)))
     text = render(entries, machine, files, args.images, rel, args.note)
+    kept = other_sections(args.out)
     with open(args.out, "w") as f:
-        f.write(text)
+        f.write(text + "".join(f"\n{block}\n" for block in kept))
     print(f"wrote {args.out} and plots in {args.images}")
     if args.readme:
         rel = os.path.relpath(args.images, os.path.dirname(os.path.abspath(args.readme)))
@@ -299,6 +301,31 @@ README_BEGIN = "<!-- performance: written by python -m benchmarks.report --readm
 README_END = "<!-- /performance -->"
 
 
+_SECTION = re.compile(r"<!-- ([\w-]+): written by .*? -->.*?<!-- /\1 -->", re.S)
+
+
+def other_sections(path):
+    """The sections of `path` that other commands write between their markers (tests.aot_compile's
+    static cost table, benchmarks.gpu's GPU numbers): kept when this report rewrites the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [m.group(0) for m in _SECTION.finditer(f.read()) if m.group(1) != "performance"]
+
+
+def replace_section(path, begin, end, section):
+    """Put `section` between the markers `begin` and `end` of the file at `path`; when the file lacks them,
+    append them with the section (the rest of the file is left alone)."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+    else:
+        head, tail = (text.rstrip("\n") + "\n\n" if text else ""), "\n"
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{section.rstrip()}\n{end}{tail}")
+
+
 def update_readme(path, section):
     """Put `section` (its headings one level down) between the README's performance markers."""
     with open(path) as f:
@@ -306,10 +333,7 @@ def update_readme(path, section):
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{path}: no performance markers ({README_BEGIN} ... {README_END})")
     section = "\n".join("#" + line if line.startswith("#") else line for line in section.splitlines())
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    with open(path, "w") as f:
-        f.write(f"{head}{README_BEGIN}\n{section}\n{README_END}{tail}")
+    replace_section(path, README_BEGIN, README_END, section)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,15 @@ whose weight is 0 contributes 0 even where its factor is infinite (hrm = 0 with 
 """
 import torch
 
-from ._layout import FINAL, JSD, PARAMS, PARTIAL
+from ._layout import FINAL, JSD, PARAMS, PARTIAL, PARTIAL_MERGE
+
+INF = float("inf")
+# the partial columns by how they merge (_layout.PARTIAL_MERGE): log-sum-exp, plain sums, and expectations
+# (column, the lse column of the softmax they are taken under)
+_LSE = [PARTIAL.index(n) for n in PARTIAL if PARTIAL_MERGE[n] == "lse"]
+_SUM = [PARTIAL.index(n) for n in PARTIAL if PARTIAL_MERGE[n] == "sum"]
+_MEAN = [(PARTIAL.index(n), PARTIAL.index(PARTIAL_MERGE[n][1])) for n in PARTIAL
+         if isinstance(PARTIAL_MERGE[n], tuple)]
 
 
 def acc_dtype(x):
@@ -42,6 +50,46 @@ def rows_3d(*xs):
 def weigh(weight, x):
     """weight * x, and 0 where weight == 0 even if x is infinite (0 * inf would be NaN)."""
     return torch.where(weight == 0, torch.zeros((), dtype=x.dtype, device=x.device), weight * x)
+
+
+def _share_times(share, lse, x):
+    """share * x for a range's expectation x; 0 for an empty range (lse = -inf), +inf kept when x = +inf.
+
+    x = +inf means p > 0 faces q = 0 in this range: the divergence is infinite whatever the share.
+    """
+    value = torch.where(x == INF, x, share * x)
+    return torch.where(lse == -INF, torch.zeros((), dtype=x.dtype, device=x.device), value)
+
+
+def merge_partial(partial, max_over, sum_over):
+    """Merge the partial statistics of vocabulary ranges (_layout.PARTIAL_MERGE), on the device.
+
+    partial: (..., len(PARTIAL)) statistics of each range; `max_over(x)` and `sum_over(x)` reduce a tensor
+    of that leading shape over the ranges: over a dimension of one tensor (the split rows of one pass,
+    hrmloss/_triton.py) or over the ranks of a process group (all_reduce, hrmloss/distributed.py). The
+    result of max_over must broadcast against its input; that of sum_over is (N, k).
+
+        lse = M + log sum_r exp(lse_r - M)         (M = max_r lse_r, 0 for a row empty everywhere)
+        E   = sum_r exp(lse_r - lse) E_r           (an expectation under the softmax whose lse is lse_r)
+        sum = sum_r x_r
+
+    Rows whose every range is empty (all -inf) get lse = -inf and expectations 0, like one range.
+    """
+    lse = partial[..., _LSE]
+    top = max_over(lse.clone())
+    top = torch.where(top == -INF, torch.zeros((), dtype=top.dtype, device=top.device), top)
+    share = torch.exp(lse - top)                         # each range's sum-exp, rescaled to top
+    weighted = [_share_times(share[..., _LSE.index(c)], lse[..., _LSE.index(c)], partial[..., i])[..., None]
+                for i, c in _MEAN]                       # each range's expectation, weighted by its share
+    sums = sum_over(torch.cat((share, partial[..., _SUM], *weighted), -1))
+    total = sums[:, :len(_LSE)]
+    safe = torch.where(total == 0, torch.ones((), dtype=total.dtype, device=total.device), total)
+    out = sums.new_empty((sums.shape[0], len(PARTIAL)))
+    out[:, _LSE] = top.reshape(total.shape) + torch.log(total)   # log 0 = -inf for an all-empty row
+    out[:, _SUM] = sums[:, len(_LSE):len(_LSE) + len(_SUM)]
+    for k, (i, c) in enumerate(_MEAN):
+        out[:, i] = sums[:, len(_LSE) + len(_SUM) + k] / safe[:, _LSE.index(c)]
+    return out
 
 
 def finalize(partial, jsd_sums, labels, params, st, vocab_size):

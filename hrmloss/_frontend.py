@@ -109,6 +109,20 @@ def check_logits(logits, ref_logits, labels):
     _same_device("logits", logits, {"ref_logits": ref_logits, "labels": labels})
 
 
+def check_inplace(logits):
+    """inplace_backward=True overwrites the logits with their gradient during backward: refuse logits that
+    the caller may still read afterwards, a leaf that requires grad or a view of one (autograd's version
+    counter only protects values saved by other nodes of the graph)."""
+    if not (logits.requires_grad and torch.is_grad_enabled()):
+        return  # no gradient of the logits will be computed: nothing is overwritten
+    base = logits._base
+    if logits.is_leaf or (base is not None and base.is_leaf):
+        what = "a leaf tensor" if logits.is_leaf else "a view of a leaf tensor"
+        raise ValueError(f"inplace_backward=True: logits is {what} that requires grad; the backward would "
+                         "overwrite it with its gradient while you may still read it. Expected the output of "
+                         "a differentiable op (e.g. the lm head), or inplace_backward=False")
+
+
 def _same_device(anchor_name, anchor, others):
     for name, x in others.items():
         if x is not None and x.device != anchor.device:

@@ -32,9 +32,15 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None):
 
 
 def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_range_, ref_grad):
-    """(d loss / d logits, d loss / d ref_logits or None), rows weighted by g (N,)."""
-    ds, dt = _ops.grad(logits, ref_logits, labels, final, g.to(final.dtype).contiguous(), params,
-                       [int(x) for x in st], backend, *vocab_range_, ref_grad)
+    """(d loss / d logits, d loss / d ref_logits or None), rows weighted by g (N,).
+
+    With st.inplace the first is `logits` itself, overwritten by its gradient."""
+    args = (labels, final, g.to(final.dtype).contiguous(), params, [int(x) for x in st], backend,
+            *vocab_range_, ref_grad)
+    if st.inplace:
+        dt = _ops.grad_inplace(logits, ref_logits, *args)
+        return logits, dt if ref_grad else None
+    ds, dt = _ops.grad(logits, ref_logits, *args)
     return ds, dt if ref_grad else None
 
 
@@ -44,7 +50,8 @@ class HRMLossFunction(torch.autograd.Function):
 
     ce, kl and z are not differentiable. The gradient goes to logits, and to ref_logits when it
     requires grad (computed in the same backward pass; no extra traffic otherwise). With a `shard`
-    (vocabulary-parallel), the forward communicates; the backward does not.
+    (vocabulary-parallel), the forward communicates; the backward does not. With st.inplace the
+    gradient of the logits is written into their storage and returned as that tensor.
     """
 
     @staticmethod
@@ -58,6 +65,7 @@ class HRMLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         logits, ref_logits, labels, final, params = ctx.saved_tensors
-        ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, ctx.st, ctx.backend,
+        st = ctx.st._replace(inplace=ctx.st.inplace and ctx.needs_input_grad[0])
+        ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, st, ctx.backend,
                            ctx.vocab_range, ctx.needs_input_grad[1])
         return ds, dt, None, None, None, None, None

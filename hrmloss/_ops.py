@@ -69,7 +69,7 @@ def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: T
          structure: list[int], backend: str, vocab_start: int, vocab_size: int,
          ref_grad: bool) -> tuple[Tensor, Tensor]:
     """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad."""
-    st = Structure._make(structure)
+    st = Structure._make(structure)._replace(inplace=False)
     with no_autocast(logits):
         ds, dt = _backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,
                                              vocab_start, vocab_size, ref_grad)
@@ -82,3 +82,27 @@ def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_st
     dt = torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if ref_grad \
         else ref_logits.new_empty(0)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), dt
+
+
+@torch.library.custom_op("hrmloss::grad_inplace", mutates_args=("logits",))
+def grad_inplace(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: Tensor, params: Tensor,
+                 structure: list[int], backend: str, vocab_start: int, vocab_size: int,
+                 ref_grad: bool) -> Tensor:
+    """`grad` with d loss / d logits written into `logits` itself (inplace_backward=True); returns
+    d loss / d ref_logits, empty unless ref_grad. torch.library bumps the version counter of `logits`,
+    so autograd refuses a later use of values saved from it; under torch.compile the mutation is
+    functionalised (the compiled graph may write a copy)."""
+    st = Structure._make(structure)._replace(inplace=True)
+    s, t = rows_3d(logits, ref_logits)
+    with no_autocast(logits):
+        ds, dt = _backends.get(backend).grad(s, t, labels, final, g, params, st, vocab_start, vocab_size,
+                                             ref_grad)
+    if ds.data_ptr() != logits.data_ptr():  # rows_3d had to copy (a last dim that is not contiguous)
+        logits.copy_(ds.reshape(logits.shape))
+    return dt.view(ref_logits.shape) if ref_grad else ref_logits.new_empty(0)
+
+
+@grad_inplace.register_fake
+def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_start, vocab_size, ref_grad):
+    return torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if ref_grad \
+        else ref_logits.new_empty(0)

@@ -86,6 +86,7 @@ class Structure(NamedTuple):
     hrm_zero: bool     # hrm is the Python number 0: the backward need not read the reference
     ignore_index: int
     check: int         # bit i set: PARAMS[i] is a run-time value whose range check_params checks
+    inplace: bool      # the backward writes the gradient of the logits into the logits' storage
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class LossOptions:
     label_smoothing: Value = _value(0.0, 0.0, 1.0, text="0 <= label_smoothing < 1")
     z_loss: Value = _value(0.0, 0.0, text="a finite z_loss >= 0")
     softcap: Optional[Value] = _value(None, 0.0, lo_closed=False, text="None or a finite softcap > 0")
+    inplace_backward: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -115,6 +117,8 @@ class LossOptions:
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.inplace_backward, bool):
+            raise TypeError(f"inplace_backward={self.inplace_backward!r}: expected a bool")
 
     def values(self):
         """name -> value for every runtime scalar of PARAMS (the placeholder 1.0 for a softcap of None)."""
@@ -129,7 +133,8 @@ class LossOptions:
             capped=self.softcap is not None,
             hrm_zero=not is_dynamic(self.hrm) and self.hrm == 0,
             ignore_index=self.ignore_index,
-            check=sum(1 << i for i, name in enumerate(PARAMS) if is_dynamic(values[name])))
+            check=sum(1 << i for i, name in enumerate(PARAMS) if is_dynamic(values[name])),
+            inplace=self.inplace_backward)
 
     def params(self, device, dtype):
         """The runtime scalars as one (len(PARAMS),) tensor of `dtype` on `device`.

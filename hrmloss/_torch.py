@@ -123,9 +123,11 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
 
 
 def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
-    """d loss / d s (N, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32."""
+    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (N, V) (or None), scaled per row by g (N,)
+    fp32. With st.inplace the gradient of s is written into s itself, chunk by chunk (each chunk is read
+    into the accumulation dtype before its gradient overwrites it), and s is returned."""
     B, T_rows, V = s.shape
-    ds = torch.empty((B * T_rows, V), device=s.device, dtype=s.dtype)
+    ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
     hrm, eps, z_loss, beta = (_param(params, k) for k in ("hrm", "label_smoothing", "z_loss", "beta"))
     c = hrm / _param(params, "temperature")
@@ -154,5 +156,6 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
         # 3. through the soft cap, scale by g; dead rows get zeros
         if dcap is not None:
             d *= dcap
-        ds[r0:r1] = torch.where(live[:, None], gl * d, 0.0)
+        i = r0 % T_rows
+        ds[r0 // T_rows, i:i + r1 - r0] = torch.where(live[:, None], gl * d, 0.0)
     return ds, dt

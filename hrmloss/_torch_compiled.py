@@ -80,7 +80,7 @@ def _jsd_into(out, s, t, labels, lse_uw, params, st):
 
 def _grad_into(ds_out, dt_out, s, t, labels, final, g, params, st, vocab_start, vocab_size):
     ds, dt = _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=dt_out is not None)
-    ds_out.copy_(ds)
+    ds_out.copy_(ds.view_as(ds_out))
     if dt_out is not None:
         dt_out.copy_(dt)
 
@@ -93,17 +93,20 @@ def _compiled(fn):
 
 
 def _uniform_chunks(s):
-    """(r0, r1, index) of equal-size row chunks of s (B, T, V), index selecting s[b:b+1, i:i+rows]."""
+    """(r0, r1, index, fresh) of equal-size row chunks of s (B, T, V), index selecting s[b:b+1, i:i+rows];
+    rows fresh: of the chunk are not in an earlier chunk (all but those it overlaps, for the last)."""
     B, T_rows, V = s.shape
     step = min(T_rows, compiled_rows(V))
     for b in range(B):
-        for i in range(0, T_rows, step):
-            i = min(i, T_rows - step)  # the last chunk overlaps its predecessor instead of being shorter
-            yield b * T_rows + i, b * T_rows + i + step, (slice(b, b + 1), slice(i, i + step))
+        for i0 in range(0, T_rows, step):
+            i = min(i0, T_rows - step)  # the last chunk overlaps its predecessor instead of being shorter
+            yield b * T_rows + i, b * T_rows + i + step, (slice(b, b + 1), slice(i, i + step)), \
+                slice(i0 - i, step)
 
 
-def _try_chunks(fn, s, chunk_args):
-    """Run the compiled fn(*chunk_args(r0, r1, index)) over the chunks of s; False if that failed.
+def _try_chunks(fn, s, chunk_args, after=None):
+    """Run the compiled fn(*chunk_args(r0, r1, index)) over the chunks of s, then after(index, fresh) if
+    given; False if that failed.
 
     The first failure (no C++ compiler, an op Inductor cannot lower, ...) warns once and turns the
     compiled path off for the process; the caller then redoes the whole call eagerly, which raises
@@ -111,8 +114,10 @@ def _try_chunks(fn, s, chunk_args):
     """
     try:
         run = _compiled(fn)
-        for r0, r1, index in _uniform_chunks(s):
+        for r0, r1, index, fresh in _uniform_chunks(s):
             run(*chunk_args(r0, r1, index))
+            if after is not None:
+                after(index, fresh)
         return True
     except Exception as e:  # noqa: BLE001
         _state["failed"] = True
@@ -142,13 +147,25 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
 
 
 def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
-    """d loss / d s (N, V) and d loss / d t (or None), as _torch.grad."""
+    """d loss / d s (B, T, V) and d loss / d t (or None), as _torch.grad (in s itself with st.inplace).
+
+    In place, each compiled chunk writes a (rows, V) buffer that is copied into s for its fresh rows
+    only: the last chunk overlaps its predecessor, whose rows of s already hold their gradient (rows are
+    independent, so its wrong results for those rows are dropped)."""
     if _use_compiled(s):
         B, T_rows, V = s.shape
-        ds = torch.empty((B * T_rows, V), device=s.device, dtype=s.dtype)
         dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
+        if st.inplace:
+            step = min(T_rows, max(1, COMPILED_CHUNK_ELEMS // max(V, 1)))
+            buf = torch.empty((step, V), device=s.device, dtype=s.dtype)
+            ds, out, after = s, (lambda r0, r1: buf), (lambda k, fresh: s[k][0, fresh].copy_(buf[fresh]))
+        else:
+            ds = torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
+            flat = ds.view(B * T_rows, V)
+            out, after = (lambda r0, r1: flat[r0:r1]), None
+        chunk_st = st._replace(inplace=False)
         if _try_chunks(_grad_into, s, lambda r0, r1, k: (
-                ds[r0:r1], dt[r0:r1] if ref_grad else None, s[k], t[k], labels[r0:r1], final[r0:r1],
-                g[r0:r1], params, st, vocab_start, vocab_size)):
+                out(r0, r1), dt[r0:r1] if ref_grad else None, s[k], t[k], labels[r0:r1], final[r0:r1],
+                g[r0:r1], params, chunk_st, vocab_start, vocab_size), after):
             return ds, dt
     return _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad)

@@ -1,62 +1,124 @@
 """The "triton" backend (`_backends.Backend`): launchers for kernels/hrm_loss.py. Allocate outputs, pick
-block size and warps, launch one program a row; none synchronises with the host.
+block size, warps and the vocabulary split, launch; none synchronises with the host.
+
+Grid: one program per row, times `splits` programs along the vocabulary when there are too few rows to
+fill the GPU (a few hundred rows of a long vocabulary). The stats and JSD passes then write one partial
+row per column range, merged on the device by `_core.merge_partial` (the rules of
+`_layout.PARTIAL_MERGE`, shared with the vocabulary-parallel merge); the gradient pass needs no merge.
 """
+import functools
+
 import torch
 import triton
 
-from .kernels.hrm_loss import _hrm_grad_kernel, _hrm_jsd_kernel, _hrm_stats_kernel
+from ._core import merge_partial
 from ._layout import JSD, PARTIAL
+from .kernels.hrm_loss import _hrm_grad_kernel, _hrm_jsd_kernel, _hrm_stats_kernel
 
-MAX_BLOCK_V = 2048
+MAX_BLOCK_V = 2048       # gradient pass: columns per iteration (8 warps, 8 per thread)
+READ_THREAD_ROWS = 1     # reading passes: tile rows (16-byte slices) per thread per iteration
+PROGRAMS_PER_SM = 8      # split the vocabulary until rows x splits reaches this many programs per SM
+MIN_SPLIT_BLOCKS = 8     # ... but never into ranges of fewer blocks than this
 
 
 def launch_config(V):
-    """(BLOCK_V, num_warps) for a vocabulary (shard) of V: the whole row up to MAX_BLOCK_V, else blocks."""
+    """(BLOCK_V, num_warps) of the gradient pass for a vocabulary (shard) of V: the whole row up to
+    MAX_BLOCK_V, else blocks of MAX_BLOCK_V."""
     block = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     warps = 8 if block >= 1024 else 4
     return block, warps
+
+
+def read_config(V, elem_bytes):
+    """(BLOCK_V, ELEMS, num_warps) of the stats and JSD passes: ELEMS columns (16 bytes of the widest input
+    dtype) per thread and tile row, READ_THREAD_ROWS tile rows per thread, up to 8 warps; smaller rows get
+    fewer warps so that a block does not exceed the row."""
+    elems = 16 // elem_bytes
+    warps = 8
+    while warps > 1 and elems * 32 * warps * READ_THREAD_ROWS > V:
+        warps //= 2
+    return elems * 32 * warps * READ_THREAD_ROWS, elems, warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type, index):
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 1  # the interpreter runs programs one after another
+
+
+def multiprocessor_count(device):
+    """Streaming multiprocessors of a device (a host query, cached per device); 1 for the CPU."""
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else 0)
+    return _sm_count(device.type, index)
+
+
+def vocab_splits(N, V, block, sms):
+    """(splits, columns per split) so that N * splits programs fill `sms` multiprocessors
+    (PROGRAMS_PER_SM each), with ranges of at least MIN_SPLIT_BLOCKS blocks; one split when N suffices.
+    Columns per split are a whole number of blocks (so a multiple of 16 whatever V)."""
+    want = -(-PROGRAMS_PER_SM * sms // max(N, 1))
+    most = max(1, V // (MIN_SPLIT_BLOCKS * block))
+    splits = max(1, min(want, most))
+    per_split = -(-V // splits)
+    cols = -(-per_split // block) * block          # a whole number of blocks per range
+    return -(-V // cols), cols
 
 
 def _strides(x):
     return x.stride(0), x.stride(1)
 
 
+def _elem_bytes(*xs):
+    return max(x.element_size() for x in xs)
+
+
 def row_stats(s, t, labels, params, st, vocab_start=0):
     """(N, PARTIAL) fp32 partial statistics. Reads s, t once."""
     B, T_rows, V = s.shape
-    out = torch.empty((B * T_rows, len(PARTIAL)), device=s.device, dtype=torch.float32)
-    if out.numel():
-        block, warps = launch_config(V)
-        _hrm_stats_kernel[(B * T_rows,)](
-            s, *_strides(s), t, *_strides(t), labels, out, params, T_rows, V, vocab_start, st.ignore_index,
-            SCALED=st.scaled, SOFTCAP=st.capped, BLOCK_V=block, num_warps=warps)
-    return out
+    N = B * T_rows
+    block, elems, warps = read_config(V, _elem_bytes(s, t))
+    splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
+    out = torch.empty((N, splits, len(PARTIAL)), device=s.device, dtype=torch.float32)
+    if N:
+        _hrm_stats_kernel[(N, splits)](
+            s, *_strides(s), t, *_strides(t), labels, out, params, T_rows, V, vocab_start, cols,
+            st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, BLOCK_V=block, ELEMS=elems, num_warps=warps)
+    if splits == 1:
+        return out.view(N, len(PARTIAL))
+    return merge_partial(out, lambda x: x.amax(1, keepdim=True), lambda x: x.sum(1))
 
 
 def jsd_sums(s, t, labels, lse_uw, params, st):
     """(N, JSD) fp32 partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w. Reads s, t once."""
     B, T_rows, V = s.shape
-    out = torch.empty((B * T_rows, len(JSD)), device=s.device, dtype=torch.float32)
-    if out.numel():
-        block, warps = launch_config(V)
-        _hrm_jsd_kernel[(B * T_rows,)](
-            s, *_strides(s), t, *_strides(t), labels, lse_uw.contiguous(), out, params, T_rows, V,
-            st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, BLOCK_V=block, num_warps=warps)
-    return out
+    N = B * T_rows
+    block, elems, warps = read_config(V, _elem_bytes(s, t))
+    splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
+    out = torch.empty((N, splits, len(JSD)), device=s.device, dtype=torch.float32)
+    if N:
+        _hrm_jsd_kernel[(N, splits)](
+            s, *_strides(s), t, *_strides(t), labels, lse_uw.contiguous(), out, params, T_rows, V, cols,
+            st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, BLOCK_V=block, ELEMS=elems, num_warps=warps)
+    return out.sum(1) if splits > 1 else out.view(N, len(JSD))
 
 
 def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
-    """d loss / d s (N, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32."""
+    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32.
+
+    With st.inplace the gradient of s is written into s itself (and s is returned)."""
     B, T_rows, V = s.shape
     N = B * T_rows
-    ds = torch.empty((N, V), device=s.device, dtype=s.dtype)
-    dt = torch.empty((N, V), device=t.device, dtype=t.dtype) if ref_grad else None
+    ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
+    dt = torch.empty((B, T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
     dt_arg = dt if ref_grad else ds  # not written unless REF_GRAD
     if N:
         block, warps = launch_config(V)
-        _hrm_grad_kernel[(N,)](
+        splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
+        _hrm_grad_kernel[(N, splits)](
             s, *_strides(s), t, *_strides(t), labels, final.contiguous(), g.contiguous(), params,
-            ds, ds.stride(0), dt_arg, dt_arg.stride(0), T_rows, V, vocab_start, vocab_size, st.ignore_index,
-            KIND=st.kind, SCALED=st.scaled, SOFTCAP=st.capped, READ_REF=not st.hrm_zero or ref_grad,
-            REF_GRAD=ref_grad, BLOCK_V=block, num_warps=warps)
+            ds, *_strides(ds), dt_arg, *_strides(dt_arg), T_rows, V, vocab_start, vocab_size, cols,
+            st.ignore_index, KIND=st.kind, SCALED=st.scaled, SOFTCAP=st.capped,
+            READ_REF=not st.hrm_zero or ref_grad, REF_GRAD=ref_grad, BLOCK_V=block, num_warps=warps)
     return ds, dt

@@ -26,15 +26,7 @@ gradient of its own shard.
 import torch
 import torch.distributed as dist
 
-from ._layout import PARTIAL, PARTIAL_MERGE
-
-INF = float("inf")
-# the partial columns by how they merge (_layout.PARTIAL_MERGE): log-sum-exp, plain sums, and expectations
-# (column, the lse column of the softmax they are taken under)
-_LSE = [PARTIAL.index(n) for n in PARTIAL if PARTIAL_MERGE[n] == "lse"]
-_SUM = [PARTIAL.index(n) for n in PARTIAL if PARTIAL_MERGE[n] == "sum"]
-_MEAN = [(PARTIAL.index(n), PARTIAL.index(PARTIAL_MERGE[n][1])) for n in PARTIAL
-         if isinstance(PARTIAL_MERGE[n], tuple)]
+from ._core import merge_partial
 
 
 def _labels_checksum(labels):
@@ -42,15 +34,6 @@ def _labels_checksum(labels):
     # value or in order across ranks, at the cost of one elementwise pass over N integers
     weights = torch.arange(1, labels.numel() + 1, device=labels.device, dtype=torch.int64)
     return (labels.long() * weights).sum()
-
-
-def _share_times(share, lse, x):
-    """share * x for a shard's expectation x; 0 for an empty shard (lse = -inf), +inf kept when x = +inf.
-
-    x = +inf means p > 0 faces q = 0 in this shard: the divergence is infinite whatever the share.
-    """
-    value = torch.where(x == INF, x, share * x)
-    return torch.where(lse == -INF, torch.zeros((), dtype=x.dtype, device=x.device), value)
 
 
 class VocabShard:
@@ -77,23 +60,12 @@ class VocabShard:
         Each column merges by its rule in _layout.PARTIAL_MERGE. Rows whose every shard is empty (all
         -inf) get lse = -inf and expectations 0, like one process.
         """
-        lse = partial[:, _LSE]                               # (N, #lse), a fresh contiguous tensor
-        top = lse.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-        top = torch.where(top == -INF, torch.zeros((), dtype=top.dtype, device=top.device), top)
-        share = torch.exp(lse - top)                         # this shard's sum-exp, rescaled to top
-        weighted = [_share_times(share[:, _LSE.index(c)], lse[:, _LSE.index(c)], partial[:, i])[:, None]
-                    for i, c in _MEAN]                       # the shard's expectation, weighted by its share
-        sums = torch.cat((share, partial[:, _SUM], *weighted), 1)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
-        total = sums[:, :len(_LSE)]
-        safe = torch.where(total == 0, torch.ones((), dtype=total.dtype, device=total.device), total)
-        out = torch.empty_like(partial)
-        out[:, _LSE] = top + torch.log(total)                # log 0 = -inf for an all-empty row
-        out[:, _SUM] = sums[:, len(_LSE):len(_LSE) + len(_SUM)]
-        for k, (i, c) in enumerate(_MEAN):
-            out[:, i] = sums[:, len(_LSE) + len(_SUM) + k] / safe[:, _LSE.index(c)]
-        return out
+        def all_reduce(op):
+            def reduce(x):
+                dist.all_reduce(x, op=op, group=self.group)
+                return x
+            return reduce
+        return merge_partial(partial, all_reduce(dist.ReduceOp.MAX), all_reduce(dist.ReduceOp.SUM))
 
     def merge_sums(self, x):
         """(N, k) per-shard sums -> the sums over the whole vocabulary (1 all_reduce, in place)."""

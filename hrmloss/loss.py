@@ -12,7 +12,7 @@ __all__ = ["HRMLoss", "HRMLossOutput", "hrm_loss"]
 def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, temperature=1.0,
              ignore_index=-100, reduction="mean", return_components=False, backend="auto",
              label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, process_group=None,
-             check_finite=False):
+             check_finite=False, inplace_backward=False):
     """Fused causal-LM cross-entropy plus `hrm` times a divergence to a reference, in one pass.
 
     Per token i with student logits s, reference logits t, label y (docs/design.md §1):
@@ -59,6 +59,14 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             is NaN, i.e. whose logits (or ref_logits) hold NaN or +inf. Synchronises with the host (it
             reads the result), so it is off by default; without it such a row's loss is NaN, as in
             PyTorch.
+        inplace_backward: write the gradient of `logits` into the storage of `logits` itself (flash-attn's
+            option), so that the backward allocates no (..., V) gradient buffer: peak memory ~0 NVs
+            above the inputs instead of 1 NV. `logits` must be an intermediate result (e.g. the lm
+            head's output) that nothing reads after the backward: a leaf that requires grad, or a
+            view of one, is refused with a ValueError; another autograd node that saved `logits` and
+            runs its backward after this one raises autograd's "modified by an inplace operation"
+            error. Under torch.compile the mutation is functionalised and may cost a copy. Off by
+            default.
 
     Values: hrm, temperature, beta, label_smoothing, z_loss and softcap are each a Python number or a
     0-dim float tensor (any float dtype, on the CPU or on the logits' device; never differentiated).
@@ -74,9 +82,12 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
     _frontend.check_logits(logits, ref_logits, labels)
     call = _frontend.make_call(
         dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap),
+             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+             inplace_backward=inplace_backward),
         logits.device, (logits.dtype, ref_logits.dtype), return_components=return_components,
         num_items=num_items, check_finite=check_finite)
+    if call.st.inplace:
+        _frontend.check_inplace(logits)
     flat = labels.reshape(-1)
     shard = None
     if process_group is not None:

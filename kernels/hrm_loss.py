@@ -1,24 +1,26 @@
 """Triton kernels for the fused loss  loss_i = ce_i + hrm * kl_i  (the maths: docs/design.md §1-2).
 
-One program handles one row (token) and streams its vocabulary in blocks of BLOCK_V. Notation, per row:
+A program handles one row (token) and one range of its vocabulary (the whole row unless the launcher
+splits the vocabulary over a second grid axis), streamed in blocks of BLOCK_V. Notation, per row:
 
     s  student logits (soft-capped first when asked: s <- c tanh(s / c)),
        u = s / T,  q = softmax(u)     (q1 = softmax(s) for the CE term)
     t  reference logits, w = t / T,  p = softmax(w)
     lse_s = logsumexp(s), lse_u = logsumexp(u), lse_w = logsumexp(w)
 
-Three kernels, one family:
-
 Column layouts (PARTIAL, FINAL, JSD) and the runtime scalars (PARAMS: hrm, temperature, beta,
 label_smoothing, z_loss, softcap, read from one small fp32 tensor) are named in hrmloss/_layout.py; the
 constants below are their indices. Constexprs select structure only, never a value.
 
-1. `_hrm_stats_kernel` (read s, t once; write 7 floats a row): the *partial* row statistics
+Three kernels, one family:
+
+1. `_hrm_stats_kernel` (read s, t once; write 7 floats a row and range): the *partial* row statistics
        lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w], sum_s = sum_j s_j
-   from online max / sum-exp with running rescaling. They are combinable over vocabulary shards
-   (lse by logsumexp, the expectations weighted by exp(lse_shard - lse), s[y] and sum_s by sum),
-   which is what the vocabulary-parallel path merges before finalising. With them
-       ce = (1 - eps) (lse_s - s[y]) + eps (lse_s - sum_s / V)     (label smoothing eps)
+   from online max / sum-exp with running rescaling. They are combinable over vocabulary ranges
+   (lse by logsumexp, the expectations weighted by exp(lse_range - lse), s[y] and sum_s by sum:
+   `_layout.PARTIAL_MERGE`), which is how the launcher merges split rows and the vocabulary-parallel
+   path merges shards before finalising. With them
+       ce = (1 - eps) (lse_s - s[y]) + eps (lse_s - sum_s / V),    (label smoothing eps)
        KL(p||q) = ep - lse_w + lse_u,  KL(q||p) = eq - lse_u + lse_w,  z = z_loss lse_s^2.
 2. `_hrm_jsd_kernel` (read s, t once more; JSD only): with the final lse_u, lse_w and
    m = beta p + (1 - beta) q, the sums  kpm = KL(p||m),  kqm = KL(q||m);
@@ -31,11 +33,22 @@ constants below are their indices. Constexprs select structure only, never a val
        0:  dkl/du = q - p                                  dkl/dw = p (log p - log q - KL(p||q))
        1:  dkl/du = q (log q - log p - KL(q||p))           dkl/dw = p - q
        2:  dkl/du = (1-b) q (log q - log m - KL(q||m))     dkl/dw = b p (log p - log m - KL(p||m))
+   ds may be the storage of s itself (in-place backward): each element is read, then written, by the
+   same program.
+
+Instruction budget (docs/performance.md): the two reading passes keep every running statistic per
+thread. A block is a [BLOCK_V // ELEMS, ELEMS] tile whose rows are ELEMS contiguous columns (one 16-byte
+load) owned by one thread; the statistics are [BLOCK_V // ELEMS] vectors, one entry per tile row, updated
+with in-thread reductions along axis 1, and reduced across the block once, after the loop. Exponentials
+are exp2 with log2(e) folded into the scale, e^((x - m) / T) = 2^(c (x - m)) with c = log2(e) / T: one
+FADD, one FMUL and one MUFU.EX2 per element and distribution. tests/aot_compile.py counts the result.
 
 Traffic (NVs = bytes of one logits tensor): stats 2 (s and t once), grad 3 (s, t, ds), JSD +2.
-Rows whose label is ignore_index read nothing (masked loads) and get a zero gradient.
+Rows whose label is ignore_index read nothing and get a zero gradient.
 -inf logits are legal: probability 0, gradient 0; a p > 0 facing q = 0 (or the reverse) gives +inf.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -43,6 +56,10 @@ from .._layout import FINAL, JSD, PARAMS, PARTIAL
 
 NEG_INF = tl.constexpr(float("-inf"))
 INF = tl.constexpr(float("inf"))
+LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): e^x = 2^(x log2 e)
+LN2 = tl.constexpr(0.6931471805599453)     # ln(2): ln x = ln 2 log2 x
+BIG = tl.constexpr(1.0e38)                 # a finite stand-in for an infinite log-ratio multiplied by 0
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32
 
 # columns of the partial statistics written by the stats pass
 P_LSE_S = tl.constexpr(PARTIAL.lse_s)
@@ -73,6 +90,27 @@ Z_LOSS = tl.constexpr(PARAMS.z_loss)
 SOFTCAP_C = tl.constexpr(PARAMS.softcap)
 
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the test triton.jit itself applies when decorating
+    @triton.jit
+    def _log2(x):
+        # log2 on the interpreter, which runs no inline assembly
+        return tl.log2(x)
+else:
+    @triton.jit
+    def _log2(x):
+        # log2 in one MUFU.LG2 (absolute error < 2^-22; x < 2^-126 flushes to 0, giving -inf): tl.log2
+        # compiles to ~15 instructions of libdevice
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _exp(x):
+    # e^x as one FMUL and one MUFU.EX2 (tl.exp2 is ex2.approx.ftz; tl.exp adds 3 instructions of
+    # denormal fix-up); a result below 2^-126 flushes to 0
+    return tl.exp2(x * LOG2E)
+
+
 @triton.jit
 def _row_offset(row, T_rows, stride_b, stride_t):
     # logits are viewed as (B, T_rows, V) with strides (stride_b, stride_t, 1); row = b * T_rows + t
@@ -80,22 +118,24 @@ def _row_offset(row, T_rows, stride_b, stride_t):
 
 
 @triton.jit
-def _online_update(m, d, a, x, y):
-    # Running max m, sum d = sum_j e^(x_j - m) and weighted sum a = sum_j e^(x_j - m) (x_j - y_j),
-    # updated with one block x (with -inf at masked lanes). Terms where x = -inf are 0; where x is
-    # finite and y = -inf the term is +inf (the divergence is infinite there).
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # avoid (-inf) - (-inf)
-    r = tl.exp(m - m_ref)
-    e = tl.exp(x - m_ref)
-    diff = tl.where(x == NEG_INF, 0.0, tl.where(y == NEG_INF, INF, e * (x - y)))
-    return m_new, d * r + tl.sum(e, 0), a * r + tl.sum(diff, 0)
+def _column_range(V, split_cols):
+    # the columns [lo, hi) of this program: grid axis 1 splits the vocabulary into ranges of
+    # split_cols columns, a multiple of BLOCK_V (one range, split_cols >= V, when unsplit)
+    lo = tl.program_id(1) * split_cols
+    return lo, tl.minimum(lo + split_cols, V)
+
+
+@triton.jit
+def _tile(BLOCK_V: tl.constexpr, ELEMS: tl.constexpr):
+    # column offsets of a [BLOCK_V // ELEMS, ELEMS] tile: tile row r holds the ELEMS contiguous columns
+    # r * ELEMS ... r * ELEMS + ELEMS - 1, which one thread loads with one vector load
+    return tl.arange(0, BLOCK_V // ELEMS)[:, None] * ELEMS + tl.arange(0, ELEMS)[None, :]
 
 
 @triton.jit
 def _tanh(x):
     # tanh from exp (no libdevice): 1 - 2 / (e^(2x) + 1); exactly +-1 for large |x|
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return 1.0 - 2.0 / (_exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -112,10 +152,27 @@ def _load_student(ptr, mask, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _lse_and_mean(m, d, a):
-    # (m, d, a) -> (logsumexp, a / d), with an empty (all -inf) row giving (-inf, 0)
-    lse = tl.where(d == 0.0, NEG_INF, m + tl.log(d))
-    return lse, tl.where(d == 0.0, 0.0, a / tl.where(d == 0.0, 1.0, d))
+def _ref(m):
+    # a running max m as the reference point of its exponentials; 0 while m = -inf (nothing but -inf
+    # seen yet), so that no -inf - (-inf) appears
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
+def _exp2_block(m_old, m_new, x, c):
+    # Per tile row with running max m_old -> m_new of x: the factor 2^(c (m_old - m_new)) that rescales
+    # the row's old sums (0 while m_old = -inf), and the terms 2^(c (x - m_new)) (0 at x = -inf).
+    # x - m first, then the scale: the exponent is exact where it matters most (x near the max).
+    ref = _ref(m_new)
+    return tl.exp2(c * (m_old - ref)), tl.exp2(c * (x - ref[:, None]))
+
+
+@triton.jit
+def _block_shares(m, c):
+    # The cross-thread step, once per row: with M = max of the per-tile-row maxima m (0 for an empty
+    # row), each tile row's share 2^(c (m - M)), so that sum_j 2^(c x_j) = 2^(c M) sum_r d_r share_r
+    M = _ref(tl.max(m, 0))
+    return tl.exp2(c * (m - M)), M
 
 
 @triton.jit
@@ -125,59 +182,100 @@ def _hrm_stats_kernel(
     t_ptr,          # [B, T_rows, V] reference logits, strides (t_stride_b, t_stride_t, 1)
     t_stride_b, t_stride_t,
     y_ptr,          # [N] labels (int32/int64), N = B * T_rows
-    stats_ptr,      # [N, N_PARTIAL] fp32 out: the PARTIAL columns
+    stats_ptr,      # [N, num_programs(1), N_PARTIAL] fp32 out: the PARTIAL columns of each column range
     params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars (temperature, softcap used here)
     T_rows,         # rows per leading index
     V,              # vocabulary (shard) size
     vocab_start,    # first global id of this shard (0 without sharding)
+    split_cols,     # columns per program along grid axis 1 (a multiple of BLOCK_V; >= V when unsplit)
     ignore_index,
-    SCALED: tl.constexpr,   # T != 1: keep separate statistics for u = s / T
+    SCALED: tl.constexpr,   # T != 1: a separate lse for s at T = 1
     SOFTCAP: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # columns per loop iteration
+    ELEMS: tl.constexpr,    # contiguous columns per thread per iteration: 16 bytes of the wider dtype
 ):
-    # read s and t once: 2 NVs; write 28 bytes a row
+    # read s and t once: 2 NVs; write 28 bytes a row and range
     row = tl.program_id(0).to(tl.int64)
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     softcap = tl.load(params_ptr + SOFTCAP_C)
     y = tl.load(y_ptr + row).to(tl.int64)
     live = y != ignore_index
-    V_live = tl.where(live, V, 0)  # an ignored row reads nothing
+    lo, hi = _column_range(V, split_cols)
+    hi_live = tl.where(live, hi, lo)  # an ignored row reads nothing
     s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
     t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
-    zero = tl.zeros([], tl.float32)
-    m_s, d_s = zero + NEG_INF, zero
-    m_u, d_u, a_u = zero + NEG_INF, zero, zero   # a_u = sum e^(u - m_u) (u - w)
-    m_w, d_w, a_w = zero + NEG_INF, zero, zero   # a_w = sum e^(w - m_w) (w - u)
-    sum_s = tl.zeros([BLOCK_V], tl.float32)      # sum_j s_j, for label smoothing
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V_live
-        # 1. load one block of each row and go to fp32 at once (the student soft-capped if asked)
-        s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
-        sum_s += tl.where(mask, s, 0.0)
-        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-        w = t * inv_temp
-        # 2. online max / sum-exp; the KL accumulators ride on the same exponentials
-        if SCALED:
-            u = s * inv_temp
-            m_s, d_s, _unused = _online_update(m_s, d_s, zero, s, s)
-        else:
-            u = s
-        m_u, d_u, a_u = _online_update(m_u, d_u, a_u, u, w)
-        m_w, d_w, a_w = _online_update(m_w, d_w, a_w, w, u)
-    # 3. normalise: lse and the expectations E_q[u - w], E_p[w - u]
-    lse_u, eq = _lse_and_mean(m_u, d_u, a_u)
-    lse_w, ep = _lse_and_mean(m_w, d_w, a_w)
+    # exponents in base 2: u = s / T, w = t / T enter as 2^(c s), 2^(c t) with c = log2(e) / T
+    c1 = LOG2E   # the scale of s itself (T = 1), for lse_s
     if SCALED:
-        lse_s, _unused2 = _lse_and_mean(m_s, d_s, zero)
+        c = inv_temp * LOG2E
+    else:
+        c = c1
+    R: tl.constexpr = BLOCK_V // ELEMS
+    cols0 = _tile(BLOCK_V, ELEMS)
+    # per tile row (one thread's slice of every block), with m = running max of the raw logits:
+    #   d_u = sum 2^(c (s - m_s)),  a_u = sum 2^(c (s - m_s)) (s - t)     -> lse_u, E_q[u - w]
+    #   d_w = sum 2^(c (t - m_t)),  b_w = sum 2^(c (t - m_t)) (s - t)     -> lse_w, E_p[w - u]
+    #   d_s = sum 2^(log2(e) (s - m_s))  (SCALED)                         -> lse_s
+    m_s = tl.full([R], NEG_INF, tl.float32)
+    m_t = tl.full([R], NEG_INF, tl.float32)
+    d_u = tl.zeros([R], tl.float32)
+    a_u = tl.zeros([R], tl.float32)
+    d_w = tl.zeros([R], tl.float32)
+    b_w = tl.zeros([R], tl.float32)
+    d_s = tl.zeros([R], tl.float32)
+    sum_s = tl.zeros([R], tl.float32)
+    for start in range(lo, hi_live, BLOCK_V):
+        cols = start + cols0
+        mask = cols < hi_live
+        # 1. load one block of each row, in fp32 at once (the student soft-capped if asked)
+        s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        sum_s += tl.sum(tl.where(mask, s, 0.0), 1)
+        # 2. running maxima (max(c x) = c max(x) for c > 0) and one exp2 per element per distribution
+        ms_new = tl.maximum(m_s, tl.max(s, 1))
+        mt_new = tl.maximum(m_t, tl.max(t, 1))
+        r_u, e_u = _exp2_block(m_s, ms_new, s, c)
+        r_w, e_w = _exp2_block(m_t, mt_new, t, c)
+        # 3. the weighted sums of s - t. Where a term's weight is 0 the log-ratio may be infinite (or
+        #    NaN at -inf - -inf): clamping it on the side that only meets zero weights keeps those
+        #    terms 0, while an infinite term of non-zero weight (q > 0 facing p = 0 in a_u, p > 0
+        #    facing q = 0 in b_w) stays infinite, or NaN when its weight underflowed; both mean +inf.
+        diff = s - t
+        d_u = d_u * r_u + tl.sum(e_u, 1)
+        a_u = a_u * r_u + tl.sum(e_u * tl.maximum(diff, -BIG), 1)
+        d_w = d_w * r_w + tl.sum(e_w, 1)
+        b_w = b_w * r_w + tl.sum(e_w * tl.minimum(diff, BIG), 1)
+        if SCALED:
+            r_s, e_s = _exp2_block(m_s, ms_new, s, c1)
+            d_s = d_s * r_s + tl.sum(e_s, 1)
+        m_s = ms_new
+        m_t = mt_new
+    # 4. across the block, once: rescale every tile row to the row's maximum M and add up;
+    #    lse_u = ln(2^(c M_s) D_u) = M_s / T + ln2 log2(D_u), and log2(0) = -inf for an empty range
+    f_u, M_s = _block_shares(m_s, c)
+    f_w, M_t = _block_shares(m_t, c)
+    D_u = tl.sum(d_u * f_u, 0)
+    D_w = tl.sum(d_w * f_w, 0)
+    A_u = tl.sum(a_u * f_u, 0)
+    B_w = tl.sum(b_w * f_w, 0)
+    lse_u = M_s * inv_temp + tl.log2(D_u) * LN2
+    lse_w = M_t * inv_temp + tl.log2(D_w) * LN2
+    # E_q[u - w] = A_u / (T D_u), E_p[w - u] = -B_w / (T D_w); 0 for an empty range, +inf for NaN
+    eq = tl.where(D_u == 0.0, 0.0, A_u / tl.where(D_u == 0.0, 1.0, D_u)) * inv_temp
+    ep = tl.where(D_w == 0.0, 0.0, -B_w / tl.where(D_w == 0.0, 1.0, D_w)) * inv_temp
+    eq = tl.where(eq == eq, eq, INF)
+    ep = tl.where(ep == ep, ep, INF)
+    if SCALED:
+        f_s, _M = _block_shares(m_s, c1)
+        lse_s = M_s + tl.log2(tl.sum(d_s * f_s, 0)) * LN2
     else:
         lse_s = lse_u
-    # 4. the target logit, if this shard owns the label (one element)
+    # 5. the target logit, if this range owns the label (one element)
     y_local = y - vocab_start
-    owned = live & (y_local >= 0) & (y_local < V)
+    owned = live & (y_local >= lo) & (y_local < hi)
     s_y, _dcap_y = _load_student(s_row + tl.where(owned, y_local, 0), owned, softcap, SOFTCAP)
     s_y = tl.where(owned, s_y, 0.0)
-    out = stats_ptr + row * N_PARTIAL
+    out = stats_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * N_PARTIAL
     tl.store(out + P_LSE_S, lse_s)
     tl.store(out + P_S_Y, s_y)
     tl.store(out + P_LSE_U, lse_u)
@@ -189,13 +287,14 @@ def _hrm_stats_kernel(
 
 @triton.jit
 def _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED: tl.constexpr):
-    # log q = u - lse_u, log p = w - lse_w and the probabilities (0 at -inf logits)
+    # log q = u - lse_u, log p = w - lse_w (one FFMA each: s / T - lse exact before its rounding) and
+    # the probabilities (0 at -inf logits)
     if SCALED:
         lq = s * inv_temp - lse_u
     else:
         lq = s - lse_u
     lp = t * inv_temp - lse_w
-    return lq, lp, tl.exp(lq), tl.exp(lp)
+    return lq, lp, _exp(lq), _exp(lp)
 
 
 @triton.jit
@@ -205,13 +304,12 @@ def _xlog_ratio(x, la, lb):
 
 
 @triton.jit
-def _log_mixture(lq, lp, beta):
-    # log m = log(beta p + (1 - beta) q), computed as a logaddexp of the two log terms
-    a = lp + tl.log(beta)
-    b = lq + tl.log(1.0 - beta)
-    hi = tl.maximum(a, b)
-    hi_ref = tl.where(hi == NEG_INF, 0.0, hi)
-    return hi_ref + tl.log(tl.exp(a - hi_ref) + tl.exp(b - hi_ref))
+def _log_mixture(p, q, beta):
+    # log m = log(beta p + (1 - beta) q), with m raised to the smallest normal fp32. The log2 flushes a
+    # subnormal argument to 0 (-inf): without the floor, a normal p ~ 1e-38 whose m is subnormal would
+    # weigh a log-ratio of ~1e38 and add ~1 to KL(p||m). With it, p (log p - log m) stays ~p (tiny), and
+    # p = q = 0 meets a finite log m (zero weights, no NaN).
+    return _log2(tl.maximum(beta * p + (1.0 - beta) * q, FLT_MIN)) * LN2
 
 
 @triton.jit
@@ -220,36 +318,46 @@ def _hrm_jsd_kernel(
     t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V] reference logits
     y_ptr,          # [N] labels
     lse_ptr,        # [N, 2] fp32 in: final lse_u, lse_w (over the whole vocabulary)
-    out_ptr,        # [N, N_JSD] fp32 out: partial sums kpm = sum p log(p/m), kqm = sum q log(q/m)
+    out_ptr,        # [N, num_programs(1), N_JSD] fp32 out: kpm = sum p log(p/m), kqm = sum q log(q/m)
     params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars (temperature, beta, softcap used here)
-    T_rows, V, ignore_index,
+    T_rows, V,
+    split_cols,     # columns per program along grid axis 1 (a multiple of BLOCK_V)
+    ignore_index,
     SCALED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ELEMS: tl.constexpr,    # contiguous columns per thread per iteration
 ):
     # read s and t once more: 2 NVs
     row = tl.program_id(0).to(tl.int64)
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     beta = tl.load(params_ptr + BETA)
     softcap = tl.load(params_ptr + SOFTCAP_C)
-    V_live = tl.where(tl.load(y_ptr + row).to(tl.int64) != ignore_index, V, 0)
+    live = tl.load(y_ptr + row).to(tl.int64) != ignore_index
+    lo, hi = _column_range(V, split_cols)
+    hi_live = tl.where(live, hi, lo)  # an ignored row reads nothing
     s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
     t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
     lse_u = tl.load(lse_ptr + row * 2)
     lse_w = tl.load(lse_ptr + row * 2 + 1)
-    kpm = tl.zeros([BLOCK_V], tl.float32)
-    kqm = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V_live
+    R: tl.constexpr = BLOCK_V // ELEMS
+    cols0 = _tile(BLOCK_V, ELEMS)
+    kpm = tl.zeros([R], tl.float32)   # sum p log(p / m), per tile row
+    kqm = tl.zeros([R], tl.float32)   # sum q log(q / m)
+    for start in range(lo, hi_live, BLOCK_V):
+        cols = start + cols0
+        mask = cols < hi_live
         s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
         t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        # m = beta p + (1 - beta) q > 0 wherever p > 0 or q > 0. A zero probability is a zero weight:
+        # the logs are clamped to >= -BIG so that 0 * (a finite difference) = 0, never NaN.
         lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
-        lm = _log_mixture(lq, lp, beta)
-        kpm += _xlog_ratio(p, lp, lm)
-        kqm += _xlog_ratio(q, lq, lm)
-    tl.store(out_ptr + row * N_JSD + J_KL_PM, tl.sum(kpm, 0))
-    tl.store(out_ptr + row * N_JSD + J_KL_QM, tl.sum(kqm, 0))
+        lm = _log_mixture(p, q, beta)
+        kpm += tl.sum(p * (tl.maximum(lp, -BIG) - lm), 1)
+        kqm += tl.sum(q * (tl.maximum(lq, -BIG) - lm), 1)
+    out = out_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * N_JSD
+    tl.store(out + J_KL_PM, tl.sum(kpm, 0))
+    tl.store(out + J_KL_QM, tl.sum(kqm, 0))
 
 
 @triton.jit
@@ -260,12 +368,13 @@ def _hrm_grad_kernel(
     stats_ptr,      # [N, N_FINAL] fp32 in: the FINAL columns lse_s, lse_u, lse_w, kl_p, kl_q
     g_ptr,          # [N] fp32 in: per-row scale g_i (grad_output x reduction factor)
     params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars
-    ds_ptr,         # [N, V] out, dtype of s: d loss / d s (contiguous rows of ds_stride)
-    ds_stride,
-    dt_ptr,         # [N, V] out, dtype of t: d loss / d t (only when REF_GRAD)
-    dt_stride,
+    ds_ptr,         # [B, T_rows, V] out, dtype of s: d loss / d s (may be s itself: in-place backward)
+    ds_stride_b, ds_stride_t,
+    dt_ptr,         # [B, T_rows, V] out, dtype of t: d loss / d t (only when REF_GRAD)
+    dt_stride_b, dt_stride_t,
     T_rows, V, vocab_start,
-    vocab_size,              # V_total, the whole vocabulary over all shards (label smoothing's eps / V_total)
+    vocab_size,     # V_total, the whole vocabulary over all shards (label smoothing's eps / V_total)
+    split_cols,     # columns per program along grid axis 1 (a multiple of BLOCK_V)
     ignore_index,
     KIND: tl.constexpr,      # 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD
     SCALED: tl.constexpr,    # T != 1
@@ -280,9 +389,12 @@ def _hrm_grad_kernel(
     live = y != ignore_index
     g = tl.where(live, tl.load(g_ptr + row), 0.0)
     live = live & (g != 0.0)
-    V_live = tl.where(live, V, 0)  # nothing to read for an ignored or zero-weight row
+    lo, hi = _column_range(V, split_cols)
+    hi_live = tl.where(live, hi, lo)  # nothing to read for an ignored or zero-weight row
     s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
     t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
+    ds_row = ds_ptr + _row_offset(row, T_rows, ds_stride_b, ds_stride_t)
+    dt_row = dt_ptr + _row_offset(row, T_rows, dt_stride_b, dt_stride_t)
     st = stats_ptr + row * N_FINAL
     lse_s = tl.load(st + F_LSE_S)
     lse_u = tl.load(st + F_LSE_U)
@@ -297,14 +409,14 @@ def _hrm_grad_kernel(
     softcap = tl.load(params_ptr + SOFTCAP_C)
     y_local = y - vocab_start
     c = tl.load(params_ptr + HRM) * inv_temp
-    for start in range(0, V, BLOCK_V):
+    for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        mask = cols < V_live
+        in_row = cols < hi
+        mask = cols < hi_live
         s, dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
         # 1. cross-entropy with label smoothing, plus z-loss:
         #    d/ds [ce + z lse_s^2] = q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V_total
-        q1 = tl.exp(s - lse_s)
+        q1 = _exp(s - lse_s)
         ds = q1 * (1.0 + 2.0 * z_loss * lse_s) - tl.where(cols == y_local, 1.0 - label_smoothing, 0.0)
         ds -= smooth_per_class
         if READ_REF:
@@ -320,15 +432,15 @@ def _hrm_grad_kernel(
                     dku = _xlog_ratio(q, lq, lp) - q * kl_q
                     dkw = p - q
                 else:
-                    lm = _log_mixture(lq, lp, beta)
+                    lm = _log_mixture(p, q, beta)
                     dku = (1.0 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
                     dkw = beta * (_xlog_ratio(p, lp, lm) - p * kl_p)
                 ds += c * dku
                 if REF_GRAD:
                     dt = tl.where(live, g * c * dkw, 0.0)
-                    tl.store(dt_ptr + row * dt_stride + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row)
+                    tl.store(dt_row + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row)
             elif REF_GRAD:
-                tl.store(dt_ptr + row * dt_stride + cols, tl.zeros([BLOCK_V], dt_ptr.dtype.element_ty), mask=in_row)
+                tl.store(dt_row + cols, tl.zeros([BLOCK_V], dt_ptr.dtype.element_ty), mask=in_row)
         # 3. through the soft cap (d s / d s_raw), scale by g; a dead row writes zeros
         ds = tl.where(live, g * ds * dcap, 0.0)
-        tl.store(ds_ptr + row * ds_stride + cols, ds.to(ds_ptr.dtype.element_ty), mask=in_row)
+        tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=in_row)

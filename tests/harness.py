@@ -19,12 +19,20 @@ def make(shape, dtype=torch.float32, ref_dtype=torch.float32, scale=3.0, seed=0,
 
 
 def run(s, t, y, backend, grad_out=None, ref_grad=False, **kw):
-    """(loss, ce, kl, z, grad of logits, grad of ref_logits or None) from hrmloss."""
+    """(loss, ce, kl, z, grad of logits, grad of ref_logits or None) from hrmloss.
+
+    backend "name@device" (e.g. "triton@cuda", tests/test_cuda.py) runs on copies of the inputs on that
+    device and returns the results on the CPU."""
+    backend, _, device = backend.partition("@")
+    if device:
+        s, t, y = s.to(device), t.to(device), y.to(device)
+        grad_out = grad_out.to(device) if grad_out is not None else None
     s = s.detach().requires_grad_(True)  # keeps the strides of a view
     t = t.detach().requires_grad_(ref_grad)
     out = hrmloss.hrm_loss(s, t, y, backend=backend, return_components=True, **kw)
     out.loss.backward(grad_out if grad_out is not None else torch.ones_like(out.loss))
-    return out.loss.detach(), out.ce, out.kl, out.z, s.grad, t.grad
+    got = out.loss.detach(), out.ce, out.kl, out.z, s.grad, t.grad
+    return tuple(x.cpu() if x is not None else None for x in got) if device else got
 
 
 def truth(s, t, y, grad_out=None, ref_grad=False, **kw):

@@ -45,3 +45,28 @@ def test_every_benchmark_runs_at_tiny_size_and_reports(tmp_path):
     assert "Intel" in text or "Machine:" in text
     assert (images / "perf_loss_forward_backward_time.png").stat().st_size > 0
     assert (images / "perf_traffic.png").stat().st_size > 0
+    # the sections other commands write into the same file survive a new report
+    report.replace_section(str(md), "<!-- gpu: written by a test; do not edit -->", "<!-- /gpu -->", "GPU TABLE")
+    report.main([str(out), "--out", str(md), "--images", str(images)])
+    assert md.read_text().count("GPU TABLE") == 1
+
+
+def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
+    # python -m benchmarks.gpu is meant for a GPU; --device cpu --tiny runs its code paths here: inputs,
+    # value checks, timing, peak memory, the passes alone, the JSON and the section it writes
+    md, js = tmp_path / "performance.md", tmp_path / "gpu.json"
+    md.write_text("# Performance\n\nkept\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--tiny", "--out", str(md), "--json", str(js),
+         "--providers", "hrmloss,hrmloss-inplace,naive,stats-pass,grad-pass,flash-attn-ce"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    result = json.loads(js.read_text())
+    measured = {(r["provider"], r["mode"]) for r in result["rows"] if "error" not in r}
+    assert {("hrmloss", "forward+backward"), ("hrmloss-inplace", "forward+backward"), ("naive", "forward"),
+            ("stats-pass", "forward"), ("grad-pass", "backward")} <= measured
+    assert all(r["reps"] >= 20 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in result["rows"])
+    text = md.read_text()
+    assert text.startswith("# Performance\n\nkept\n") and "<!-- /gpu -->" in text
+    assert "| 64 x 512 float32 | hrmloss-inplace | forward+backward |" in text

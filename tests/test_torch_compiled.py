@@ -70,10 +70,13 @@ def test_uniform_chunks_cover_every_row_once_or_twice():
         chunks = list(_torch_compiled._uniform_chunks(s))
     finally:
         _torch_compiled.COMPILED_CHUNK_ELEMS = saved
-    for r0, r1, (b, i) in chunks:
+    fresh_rows = torch.zeros(30, dtype=torch.int64)
+    for r0, r1, (b, i), fresh in chunks:
         assert r1 - r0 == 4 and s[b, i].shape == (1, 4, 5) and r0 == b.start * 10 + i.start
         rows[r0:r1] += 1
+        fresh_rows[r0 + fresh.start:r0 + fresh.stop] += 1
     assert rows.min() == 1 and rows.max() == 2
+    assert (fresh_rows == 1).all()  # the in-place backward copies every row exactly once
 
 
 def _refuse(*args, **kwargs):
