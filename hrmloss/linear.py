@@ -57,18 +57,18 @@ from ._ops import no_autocast
 from ._torch_compiled import compiled_rows
 
 # Automatic chunk: the most rows whose per-chunk (c, V) buffers fit in `chunk_bytes`. The buffers are the
-# student logits s and their gradient ds, plus the reference logits t when they are computed from hidden
-# states, each in the GEMM dtype. Every chunk reads the (V, H) weight three times and the weight-gradient
+# student logits s (their gradient ds overwrites them), plus the reference logits t when they are computed
+# from hidden states, each in the GEMM dtype. Every chunk reads the (V, H) weight three times and the weight-gradient
 # accumulator once, so small chunks turn the loss into weight traffic and small-K GEMMs.
-# - CUDA: 768 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states (rounded down to a
-#   multiple of CHUNK_ALIGN rows): GEMMs with M, K >= 1024 run near peak; s, t and ds (0.73 GiB) stay
-#   below the bf16 gradient (0.98 GiB at H = 4096) that the end of the backward allocates anyway.
+# - CUDA: 512 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states (rounded down to a
+#   multiple of CHUNK_ALIGN rows): GEMMs with M, K >= 1024 run near peak; s and t (0.49 GiB) stay below
+#   the bf16 gradient (0.98 GiB at H = 4096) that the end of the backward allocates anyway.
 # - elsewhere (CPU) by default: an eighth of the N rows and at most 64 MiB (~260 rows at V = 32000 with
-#   fp32 s and ds), so that the chunk stays a small part of what the naive composition holds (peak <= 1/4
+#   fp32 s and t), so that the chunk stays a small part of what the naive composition holds (peak <= 1/4
 #   of it: tests/test_linear*.py), in whole calls of the torch backend's compiled passes (at least one:
 #   smaller calls, and a short last chunk, would run them eagerly, several times slower). A last chunk
 #   shorter than one such call joins the one before it.
-CHUNK_BYTES = {"cuda": 768 << 20}
+CHUNK_BYTES = {"cuda": 512 << 20}
 CHUNK_BYTES_DEFAULT = 64 << 20
 CHUNK_FRACTION_DEFAULT = 8
 CHUNK_ALIGN = 64
@@ -256,8 +256,9 @@ def _new_grads(ops, want_hidden, want_weight, want_bias, acc_dtype):
 
 
 def _chunk_grad(s, t, y, final, g, plan):
-    """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass."""
-    return grad_rows(s, t, y, final, g, plan.call.params, plan.call.st, plan.call.backend,
+    """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass, written
+    into s itself (the chunk's own buffer, read by nothing after it), so ds costs no memory."""
+    return grad_rows(s, t, y, final, g, plan.call.params, plan.call.st._replace(inplace=True), plan.call.backend,
                      vocab_range(s, plan.shard), False)[0]
 
 
@@ -273,7 +274,7 @@ def _forward_chunk(ops, plan, k, rows, g, grads):
         buf[r0:r1] = x
     if g is not None:
         ds = _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0), plan)
-        del s, t  # before the two gradient GEMMs: only ds is live
+        del s, t  # before the two gradient GEMMs: only ds (in s's buffer) is live
         grads.add(ops, h, ds, r0, r1, k, len(plan.chunks))
 
 
@@ -427,10 +428,10 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         num_items, check_finite: as in `hrm_loss` (the value options may be 0-dim tensors there too).
         return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
         chunk_size: tokens per chunk; wins over chunk_bytes.
-        chunk_bytes: memory budget of one chunk's (chunk, V) buffers (student logits, their gradient, and
-            the reference logits when computed from hidden states, in the GEMM dtype). None: 768 MiB on
-            CUDA (rounded down to a multiple of 64 rows); elsewhere N / 8 rows, but at least the 4M
-            logits that the compiled CPU passes take and at most 64 MiB. At least 1 and at most N rows
+        chunk_bytes: memory budget of one chunk's (chunk, V) buffers (student logits, overwritten by
+            their gradient, and the reference logits when computed from hidden states, in the GEMM
+            dtype). None: 512 MiB on CUDA (rounded down to a multiple of 64 rows); elsewhere N / 8 rows
+            within 64 MiB, in whole calls of the compiled CPU passes. At least 1 and at most N rows
             (`chunk_rows`; docs/linear.md).
         grad_acc_dtype: dtype of the weight (and bias) gradient accumulator: None or torch.float32
             (default, accurate: docs/linear.md), or the GEMM dtype (bf16 / fp16), which saves 2 V H bytes
@@ -466,7 +467,7 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         shard = vocab_shard(process_group, V, flat)
     n, min_last = flat.shape[0], 1
     if chunk_size is None:
-        buffers = 2 if ref_logits is not None else 3
+        buffers = 1 if ref_logits is not None else 2  # s (then ds in place), and t when computed here
         chunk_size = chunk_rows(n, V, buffers * V * gemm_dtype.itemsize, hidden.device, chunk_bytes)
         if chunk_bytes is None and hidden.device.type == "cpu":
             min_last = compiled_rows(V)  # a shorter last chunk would run the loss passes eagerly

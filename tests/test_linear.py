@@ -302,7 +302,7 @@ def test_chunk_rows_from_the_memory_budget():
     assert chunk_rows(10**6, 32000, fp32_two, "cpu", chunk_bytes=100 * fp32_two) == 100   # < 128 rows: as is
     assert chunk_rows(10**6, 32000, fp32_two, "cpu", chunk_bytes=300 * fp32_two) == 256   # a multiple of 64
     assert chunk_rows(10**6, 10**9, 2 * 4 * 10**9, "cpu", chunk_bytes=2**30) == 1          # at least one row
-    assert chunk_rows(8192, 128256, 3 * 2 * 128256, "cuda") == 1024  # 768 MiB: s, t, ds in bf16 at V = 128256
+    assert chunk_rows(8192, 128256, 2 * 2 * 128256, "cuda") == 1024  # 512 MiB: s and t in bf16 at V = 128256
     # CPU default: N / 8 rows, at most 64 MiB, in whole compiled calls of 2^22 // 32000 = 131 rows (>= 1)
     assert chunk_rows(4096, 32000, fp32_two, "cpu") == 262         # 64 MiB: 262 rows = 2 calls
     assert chunk_rows(1024, 32000, fp32_two, "cpu") == 131         # N / 8 = 128 rows: one call

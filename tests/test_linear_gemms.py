@@ -140,14 +140,14 @@ def test_grad_acc_dtype_is_checked():
 
 
 def test_chunk_bytes_sets_the_chunk_and_chunk_size_wins():
-    # 3 buffers (s, t, ds) of V = 160 bf16 = 960 bytes a row: 40 rows fit in 38400 bytes -> 3 chunks of
-    # the logits GEMM (+ 3 of the reference's) in the forward
+    # 2 buffers (s, then ds in place, and t) of V = 160 bf16 = 640 bytes a row: 40 rows fit in 25600 bytes
+    # -> 3 chunks of the logits GEMM (+ 3 of the reference's) in the forward
     case = _case()
     with GemmLog(big=96) as log, torch.no_grad():
-        _run(case, backward=False, chunk_bytes=40 * 960)
+        _run(case, backward=False, chunk_bytes=40 * 640)
     assert len(log.gemms) == 6
     with GemmLog(big=96) as log, torch.no_grad():
-        _run(case, backward=False, chunk_bytes=40 * 960, chunk_size=96)
+        _run(case, backward=False, chunk_bytes=40 * 640, chunk_size=96)
     assert len(log.gemms) == 2
 
 
