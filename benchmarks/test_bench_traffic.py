@@ -1,7 +1,9 @@
 """Global-memory bytes of the Triton kernels, counted in the Triton interpreter, in NVs.
 
 NVs = bytes of one logits tensor. The design (docs/design.md §6) is 5 NVs forward + backward for hrmloss
-(2 forward), the physical floor 3. Only Triton loads and stores are counted: the PyTorch glue around
+(2 forward), the physical floor 3; a sparse teacher (hrmloss-triton-topk*, no t) 3 forward + backward plus
+its K ids a row ("tail" reads them in both passes). Only Triton loads and stores are counted (not the
+O(N K) torch maths of the sparse teacher): the PyTorch glue around
 Liger's kernels (log_softmax of both logits, index_select of the counted rows, the sum of the two
 gradients) is not, so its composed row is a lower bound.
 
@@ -19,7 +21,7 @@ from ._runner import MODES
 from .common import bench_size, loss_inputs
 from .providers import HRM, IGNORE
 
-KERNELS = ("hrmloss-triton", "liger-ce", "liger-kl", "liger")
+KERNELS = ("hrmloss-triton", "hrmloss-triton-topk", "hrmloss-triton-topk-tail", "liger-ce", "liger-kl", "liger")
 
 
 def _traffic_shape():
@@ -31,6 +33,16 @@ def _kernel(name):
     if name == "hrmloss-triton":
         import hrmloss
         return lambda s, t, y: hrmloss.hrm_loss(s, t, y, HRM, ignore_index=IGNORE, backend="triton")
+    if name.startswith("hrmloss-triton-topk"):  # a sparse teacher, the top-K of softmax(t) (K = 64; 8 tiny)
+        import hrmloss
+        k = 8 if bench_size()[0] == "tiny" else 64
+        mode = "tail" if name.endswith("tail") else "renorm"
+
+        def topk(s, t, y):
+            lps, ids = torch.log_softmax(t.float(), -1).topk(k, -1)  # torch: not counted
+            return hrmloss.hrm_loss(s, None, y, HRM, ref_topk=(ids, lps), topk_mode=mode, ignore_index=IGNORE,
+                                    backend="triton")
+        return topk
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
     except ImportError as e:

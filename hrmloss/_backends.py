@@ -4,10 +4,14 @@ A backend is a module with the three passes below (the `Backend` protocol); each
 of `_core.rows_3d`, the flat (N,) labels, the runtime scalars `params` (`_layout.PARAMS`) and the
 `Structure` of the call, and none synchronises with the host:
 
-    row_stats(s, t, labels, params, st, vocab_start)      -> (N, PARTIAL) partial row statistics
+    row_stats(s, t, labels, params, st, vocab_start, topk_ids)
+                                                          -> (N, PARTIAL) partial row statistics
     jsd_sums(s, t, labels, lse_uw, params, st)            -> (N, JSD) sums, given the final lse_u, lse_w
-    grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad)
+    grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad, topk_ids)
                                                           -> (ds (N, V) in s's dtype, dt or None)
+
+t is (B, T, V_ref): V_ref = V, or fewer columns with st.cut (ref_vocab="truncate"); without a dense
+reference (st.has_ref False, a sparse teacher) t is never read and topk_ids (N, K) feeds PARTIAL.lse_rest.
 
 "torch" is plain PyTorch (hrmloss/_torch.py, compiled per chunk on large CPU inputs by
 _torch_compiled.py); "triton" the kernels of kernels/hrm_loss.py (hrmloss/_triton.py).
@@ -23,11 +27,11 @@ REGISTRY = {"torch": "hrmloss._torch_compiled", "triton": "hrmloss._triton"}
 
 
 class Backend(Protocol):
-    def row_stats(self, s, t, labels, params, st, vocab_start): ...
+    def row_stats(self, s, t, labels, params, st, vocab_start, topk_ids=None): ...
 
     def jsd_sums(self, s, t, labels, lse_uw, params, st): ...
 
-    def grad(self, s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad): ...
+    def grad(self, s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad, topk_ids=None): ...
 
 
 def get(name) -> Backend:

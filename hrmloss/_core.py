@@ -30,21 +30,21 @@ def acc_dtype(x):
 
 
 def rows_3d(*xs):
-    """View tensors of one shape (..., V) as (B, T, V) with unit stride on V, without a copy if possible.
+    """View tensors of one leading shape (..., V_i) as (B, T, V_i) with unit stride on the last dim,
+    without a copy if possible (the last dims may differ: a reference with fewer columns).
 
     Flat (N, V) row layouts become (1, N, V); when any of them is not flat (a shifted view such as
     logits[:, :-1] of a (B, T+1, V) tensor), all become (B, T, V), each with its own strides, so one
     row index b * T + t addresses all of them. Only a last dim that is not contiguous, or more than
     two leading dims that cannot be merged, costs a copy.
     """
-    V = xs[0].shape[-1]
     xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
     try:
-        return [x.view(1, -1, V) for x in xs]
+        return [x.view(1, -1, x.shape[-1]) for x in xs]
     except RuntimeError:
         pass
     T = xs[0].shape[-2]
-    return [x.reshape(-1, T, V) if x.dim() > 3 else x for x in xs]
+    return [x.reshape(-1, T, x.shape[-1]) if x.dim() > 3 else x for x in xs]
 
 
 def weigh(weight, x):
@@ -92,14 +92,19 @@ def merge_partial(partial, max_over, sum_over):
     return out
 
 
-def finalize(partial, jsd_sums, labels, params, st, vocab_size):
+def finalize(partial, jsd_sums, labels, params, st, vocab_size, sparse=None):
     """(N, PARTIAL) statistics of the whole vocabulary -> per-row loss, ce, kl, z and (N, FINAL) stats.
 
-    jsd_sums: (N, JSD) [KL(p||m), KL(q||m)] for kl="jsd", else None. Ignored rows get zeros everywhere.
+    jsd_sums: (N, JSD) [KL(p||m), KL(q||m)] for kl="jsd", else None. sparse: (kl, coef) (N,) each from a
+    sparse teacher (hrmloss/_topk.py), else None. Ignored rows get zeros everywhere.
     """
     p = PARTIAL.unbind(partial)
     hrm, beta, eps, z_loss = (params[getattr(PARAMS, k)] for k in ("hrm", "beta", "label_smoothing", "z_loss"))
-    if st.kind == 2:
+    coef = torch.zeros_like(p["lse_s"])
+    if sparse is not None:
+        kl, coef = sparse
+        kl_p = kl_q = torch.zeros_like(kl)
+    elif st.kind == 2:
         kl_p, kl_q = JSD.unbind(jsd_sums).values()
         kl = beta * kl_p + (1.0 - beta) * kl_q
     else:
@@ -114,6 +119,7 @@ def finalize(partial, jsd_sums, labels, params, st, vocab_size):
     kl = torch.where(live, kl, zero)
     z = torch.where(live, weigh(z_loss, p["lse_s"] * p["lse_s"]), zero)
     loss = ce + weigh(hrm, kl) + z
-    columns = {"lse_s": p["lse_s"], "lse_u": p["lse_u"], "lse_w": p["lse_w"], "kl_p": kl_p, "kl_q": kl_q}
+    columns = {"lse_s": p["lse_s"], "lse_u": p["lse_u"], "lse_w": p["lse_w"], "kl_p": kl_p, "kl_q": kl_q,
+               "coef": coef}
     final = torch.where(live[:, None], torch.stack([columns[name] for name in FINAL], 1), zero)
     return loss, ce, kl, z, final

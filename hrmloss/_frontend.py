@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from . import _backends
+from ._core import weigh
 from ._options import OPTION_NAMES, LossOptions, Structure
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -91,22 +92,60 @@ def _check_option_devices(opts, device):
                              f"inputs, {device}")
 
 
-def check_logits(logits, ref_logits, labels):
-    """Shapes, dtypes and devices of hrm_loss's three tensors."""
-    for name, x in (("logits", logits), ("ref_logits", ref_logits), ("labels", labels)):
-        check_tensor(name, x)
-    for name, x in (("logits", logits), ("ref_logits", ref_logits)):
-        check_tensor(name, x, FLOAT_DTYPES + TORCH_ONLY_DTYPES)
+def check_ref_vocab(name, shape, V_ref, V, ref_vocab):
+    """A reference of V_ref != V classes: an error unless ref_vocab="truncate"."""
+    if V_ref != V and ref_vocab != "truncate":
+        raise ValueError(f"{name}.shape={tuple(shape)}: a reference vocabulary of V_ref={V_ref} for a student of "
+                         f"V={V}: expected equal vocabularies, or ref_vocab='truncate' (the divergence then uses "
+                         "the first min(V, V_ref) ids of both)")
+
+
+def check_logits(logits, ref_logits, labels, ref_vocab="error", topk=False):
+    """Shapes, dtypes and devices of hrm_loss's tensors; returns the reference as the passes read it (its
+    first V columns when it has more, ref_vocab="truncate"), or None for a sparse teacher (topk)."""
+    check_tensor("logits", logits, FLOAT_DTYPES + TORCH_ONLY_DTYPES)
     check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits.shape={tuple(logits.shape)}: expected (..., V) with V >= 1")
-    if ref_logits.shape != logits.shape:
-        raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected the shape of logits, "
-                         f"{tuple(logits.shape)}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels.shape={tuple(labels.shape)}: expected logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}")
-    _same_device("logits", logits, {"ref_logits": ref_logits, "labels": labels})
+    _same_device("logits", logits, {"labels": labels})
+    if topk:
+        if ref_logits is not None:
+            raise ValueError("ref_logits and ref_topk were both given: expected ref_logits=None with ref_topk")
+        return None
+    if ref_logits is None:
+        raise ValueError("ref_logits=None: expected reference logits, or ref_topk=(indices, logprobs)")
+    check_tensor("ref_logits", ref_logits, FLOAT_DTYPES + TORCH_ONLY_DTYPES)
+    if ref_logits.shape[:-1] != logits.shape[:-1] or ref_logits.shape[-1] < 1:
+        raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected the shape of logits, "
+                         f"{tuple(logits.shape)}")
+    check_ref_vocab("ref_logits", ref_logits.shape, ref_logits.shape[-1], logits.shape[-1], ref_vocab)
+    _same_device("logits", logits, {"ref_logits": ref_logits})
+    return ref_logits[..., :logits.shape[-1]]
+
+
+def check_weights(token_weights, labels):
+    """token_weights: None, or a float tensor of the shape of labels on its device (values: in the pass)."""
+    if token_weights is None:
+        return None
+    check_tensor("token_weights", token_weights, FLOAT_DTYPES + TORCH_ONLY_DTYPES, "a float dtype")
+    if token_weights.shape != labels.shape:
+        raise ValueError(f"token_weights.shape={tuple(token_weights.shape)}: expected the shape of labels, "
+                         f"{tuple(labels.shape)}")
+    _same_device("labels", labels, {"token_weights": token_weights})
+    return token_weights.detach().reshape(-1)
+
+
+def check_topk(ref_topk, labels, vocab):
+    """ref_topk=(indices, logprobs) -> the flat `_topk.TopK`, or None; shapes, dtypes, K <= V, device."""
+    if ref_topk is None:
+        return None
+    from ._topk import check_shapes
+    topk = check_shapes(ref_topk, labels.shape, vocab)
+    _same_device("labels", labels, {"ref_topk indices": topk.ids, "ref_topk logprobs": topk.logprobs})
+    return topk
 
 
 def check_inplace(logits):
@@ -129,8 +168,8 @@ def _same_device(anchor_name, anchor, others):
             raise ValueError(f"{name}.device={x.device}: expected the device of {anchor_name}, {anchor.device}")
 
 
-def _check_projection(prefix, hidden, weight, bias, vocab=None, mixed=False):
-    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype; V = vocab when given.
+def _check_projection(prefix, hidden, weight, bias, mixed=False):
+    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype.
     mixed (inside torch.autocast): the three may have different float dtypes."""
     check_tensor(f"{prefix}hidden", hidden, FLOAT_DTYPES)
     check_tensor(f"{prefix}weight", weight, FLOAT_DTYPES)
@@ -140,9 +179,6 @@ def _check_projection(prefix, hidden, weight, bias, vocab=None, mixed=False):
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
         raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected (V, H) with V >= 1 and "
                          f"H = {prefix}hidden.shape[-1] = {H}")
-    if vocab is not None and weight.shape[0] != vocab:
-        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected V = weight.shape[0] = {vocab} "
-                         "rows (the student's vocabulary)")
     if weight.dtype != hidden.dtype and not mixed:
         raise TypeError(f"{prefix}weight.dtype={weight.dtype}: expected the dtype of {prefix}hidden, "
                         f"{hidden.dtype} (different dtypes are accepted inside torch.autocast only)")
@@ -153,28 +189,36 @@ def _check_projection(prefix, hidden, weight, bias, vocab=None, mixed=False):
             raise ValueError(f"{prefix}bias.shape={tuple(bias.shape)}: expected ({weight.shape[0]},)")
 
 
-def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, mixed=False):
+def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, ref_vocab="error",
+                 topk=False, mixed=False):
     """Types, shapes, dtypes and devices of a linear_hrm_loss call; mixed: inside torch.autocast."""
     _check_projection("", hidden, weight, bias, mixed=mixed)
     check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
     lead, V = tuple(hidden.shape[:-1]), weight.shape[0]
     if tuple(labels.shape) != lead:
         raise ValueError(f"labels.shape={tuple(labels.shape)}: expected hidden.shape[:-1] = {lead}")
-    if ref_logits is not None:
+    if topk:
+        if ref_logits is not None or ref_hidden is not None or ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_topk was given together with ref_logits / ref_hidden / ref_weight / ref_bias: "
+                             "expected one reference")
+        refs = {}
+    elif ref_logits is not None:
         if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_logits was given together with ref_hidden / ref_weight / ref_bias: "
                              "expected exactly one of ref_logits or (ref_hidden, ref_weight[, ref_bias])")
         check_tensor("ref_logits", ref_logits, FLOAT_DTYPES)
-        if tuple(ref_logits.shape) != (*lead, V):
+        if tuple(ref_logits.shape[:-1]) != lead or ref_logits.shape[-1] < 1:
             raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected hidden.shape[:-1] + (V,) "
                              f"= {(*lead, V)} with V = weight.shape[0]")
+        check_ref_vocab("ref_logits", ref_logits.shape, ref_logits.shape[-1], V, ref_vocab)
         refs = {"ref_logits": ref_logits}
     else:
         if ref_hidden is None or ref_weight is None:
             raise ValueError("no reference: expected ref_logits, or both ref_hidden and ref_weight "
                              f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
-        _check_projection("ref_", ref_hidden, ref_weight, ref_bias, vocab=V, mixed=mixed)
+        _check_projection("ref_", ref_hidden, ref_weight, ref_bias, mixed=mixed)
+        check_ref_vocab("ref_weight", ref_weight.shape, ref_weight.shape[0], V, ref_vocab)
         if tuple(ref_hidden.shape[:-1]) != lead:
             raise ValueError(f"ref_hidden.shape={tuple(ref_hidden.shape)}: expected hidden.shape[:-1] + "
                              f"(H_ref,) with hidden.shape[:-1] = {lead}")
@@ -186,12 +230,16 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
 # the call
 
 
-def make_call(options, device, dtypes, *, return_components=False, num_items=None, check_finite=False):
+def make_call(options, device, dtypes, *, return_components=False, num_items=None, check_finite=False,
+              topk=False, cut=False):
     """Validate the non-tensor arguments of a call on tensors of `device` and floating `dtypes`.
 
     options: the LossOptions keywords as given. Builds the runtime-scalar tensor on the device.
+    topk: the reference is a sparse teacher; cut: a dense reference with fewer columns than the student.
     """
     opts = LossOptions(**options)
+    if topk:
+        opts.check_topk()
     check_bool("return_components", return_components)
     check_bool("check_finite", check_finite)
     check_num_items(num_items, opts.reduction)
@@ -199,8 +247,8 @@ def make_call(options, device, dtypes, *, return_components=False, num_items=Non
     backend = _backends.resolve(opts.backend, device)
     _backends.check_dtypes(backend, *dtypes)
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
-    return Call(opts, opts.structure(), backend, opts.params(device, acc), num_items, return_components,
-                check_finite)
+    return Call(opts, opts.structure(topk, cut), backend, opts.params(device, acc), num_items,
+                return_components, check_finite)
 
 
 def module_options(module, fn, options, per_call=()):
@@ -217,25 +265,38 @@ def module_options(module, fn, options, per_call=()):
     return options
 
 
-def mean_denominator(live, num_items=None):
-    """The divisor of reduction "mean": max(count of counted rows, 1), or num_items; on the device."""
-    return live.sum().clamp(min=1) if num_items is None else num_items
+def mean_denominator(live, num_items=None, weights=None):
+    """The divisor of reduction "mean": the count of counted rows (with token weights: their weight sum)
+    or num_items; 1 where that count is 0 (the mean is then 0). On the device."""
+    if num_items is not None:
+        return num_items
+    den = live.sum() if weights is None else torch.where(live, weights, 0.0).sum()
+    return torch.where(den == 0, torch.ones_like(den), den)
 
 
-def row_weight(live, reduction, num_items):
-    """d reduced / d row_i for a counted row (0-dim fp32, on the device): 1 for "sum", 1 / the mean's
-    denominator for "mean"."""
+def row_weight(live, reduction, num_items, weights=None):
+    """d reduced / d row_i for a counted row, on the device: 1 for "sum", 1 / the mean's denominator
+    for "mean" (0-dim fp32), times the token weights (N,) when given."""
     if reduction == "sum":
-        return torch.ones((), device=live.device)
-    return 1.0 / torch.as_tensor(mean_denominator(live, num_items), device=live.device).float()
+        w = torch.ones((), device=live.device)
+    else:
+        w = 1.0 / torch.as_tensor(mean_denominator(live, num_items, weights), device=live.device).float()
+    return w if weights is None else w * weights.float()
 
 
-def reduce_rows(rows, live, reduction, num_items=None):
-    """Reduce per-row values (N,) over counted rows: "sum", "mean" (by `mean_denominator`), or "none"."""
+def weigh_rows(rows, weights):
+    """rows * token weights, 0 where the weight is 0 even if the row is infinite; rows unchanged if None."""
+    return rows if weights is None else weigh(weights.to(rows.dtype), rows)
+
+
+def reduce_rows(rows, live, reduction, num_items=None, weights=None):
+    """Reduce per-row values (N,) over counted rows: "sum", "mean" (by `mean_denominator`), or "none".
+    With token weights (N,), rows are weighted first (ignored rows are 0 already)."""
+    rows = weigh_rows(rows, weights)
     if reduction == "sum":
         return rows.sum()
     if reduction == "mean":
-        return rows.sum() / mean_denominator(live, num_items)
+        return rows.sum() / mean_denominator(live, num_items, weights)
     return rows
 
 
@@ -249,14 +310,15 @@ def _check_finite(ce, kl, live):
                              "contains NaN or +inf in that row")
 
 
-def finish(call, loss, ce, kl, z, labels):
-    """The call's result from per-row ce, kl, z (N,) and the loss (per row, or already reduced)."""
+def finish(call, loss, ce, kl, z, labels, weights=None):
+    """The call's result from per-row ce, kl, z (N,) and the loss (per row, or already reduced);
+    weights: the flat (N,) token weights or None."""
     flat = labels.reshape(-1)
     live = flat != call.st.ignore_index
     if call.check_finite:
         _check_finite(ce, kl, live)
     reduction, num_items = call.opts.reduction, call.num_items
-    out = HRMLossOutput(*(x if x.dim() == 0 else reduce_rows(x, live, reduction, num_items)
+    out = HRMLossOutput(*(x if x.dim() == 0 else reduce_rows(x, live, reduction, num_items, weights)
                           for x in (loss, ce, kl, z)))
     if reduction == "none":
         out = HRMLossOutput(*(x.view(labels.shape) for x in out))

@@ -1,9 +1,9 @@
 """The autograd Function: per-row loss, ce, kl, z forward; recompute-and-scale backward. ctx handling only."""
 import torch
 
-from . import _ops
+from . import _ops, _topk
 from ._core import finalize
-from ._layout import PARTIAL
+from ._layout import PARAMS, PARTIAL
 
 
 def vocab_range(logits, shard):
@@ -11,61 +11,93 @@ def vocab_range(logits, shard):
     return (0, logits.shape[-1]) if shard is None else (shard.vocab_start, shard.vocab_size)
 
 
-def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None):
-    """Per-row loss, ce, kl, z and the (N, FINAL) final statistics, from the backend's passes.
+def _ref_or_stand_in(logits, ref_logits):
+    """The reference, or for a sparse teacher a (..., 1) stand-in that the passes never read (a fresh
+    tensor: an alias of the logits would meet the in-place backward's mutation)."""
+    return ref_logits if ref_logits is not None else logits.new_empty((*logits.shape[:-1], 1))
 
-    shard: None, or a `distributed.VocabShard` when logits hold one vocabulary shard: its merges turn
-    this shard's statistics into those of the whole vocabulary (hrmloss/distributed.py).
+
+def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None):
+    """Per-row loss, ce, kl, z, the (N, FINAL) final statistics and, for a sparse teacher, the (N, K)
+    correction of the gradient at its ids (else None), from the backend's passes.
+
+    ref_logits: (..., V_ref) dense reference (V_ref < V with st.cut), or None with `topk` (a sparse
+    teacher, `_topk.TopK`). shard: None, or a `distributed.VocabShard` when logits hold one vocabulary
+    shard: its merges turn this shard's statistics into those of the whole vocabulary
+    (hrmloss/distributed.py). token_weights: only checked here (the front end applies them).
     """
     start, V = vocab_range(logits, shard)
     structure = [int(x) for x in st]
-    partial = _ops.row_stats(logits, ref_logits, labels, params, structure, backend, start, V)
+    t = _ref_or_stand_in(logits, ref_logits)
+    ids, lps = topk if topk is not None else (None, None)
+    partial = _ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights)
     if shard is not None:
         partial = shard.merge_stats(partial)
-    jsd = None
-    if st.kind == 2:  # JSD: a second pass, with the normalisers of the whole vocabulary
+    jsd, sparse, corr = None, None, None
+    if topk is not None:
+        s_k, _, _ = _topk.student_at_ids(logits, ids, params, st, start)
+        if shard is not None:  # every rank needs every id's logit (each owned by one shard)
+            s_k = shard.merge_sums(s_k)
+        u = s_k / params[PARAMS.temperature] if st.scaled else s_k
+        live = labels != st.ignore_index
+        kl, coef, corr = _topk.divergence(u, lps, partial, params, st, live, V)
+        sparse = (kl, coef)
+    elif st.kind == 2:  # JSD: a second pass, with the normalisers of the whole vocabulary
         lse_uw = partial[:, [PARTIAL.lse_u, PARTIAL.lse_w]]
-        jsd = _ops.jsd_sums(logits, ref_logits, labels, lse_uw, params, structure, backend)
+        jsd = _ops.jsd_sums(logits, t, labels, lse_uw, params, structure, backend)
         if shard is not None:
             jsd = shard.merge_sums(jsd)
-    return finalize(partial, jsd, labels, params, st, V)
+    return (*finalize(partial, jsd, labels, params, st, V, sparse), corr)
 
 
-def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_range_, ref_grad):
+def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_range_, ref_grad, topk=None,
+              corr=None):
     """(d loss / d logits, d loss / d ref_logits or None), rows weighted by g (N,).
 
-    With st.inplace the first is `logits` itself, overwritten by its gradient."""
-    args = (labels, final, g.to(final.dtype).contiguous(), params, [int(x) for x in st], backend,
-            *vocab_range_, ref_grad)
+    With st.inplace the first is `logits` itself, overwritten by its gradient. A sparse teacher (`topk`,
+    its (N, K) `corr` from the forward) adds its term at the ids (`_topk.add_correction`)."""
+    t = _ref_or_stand_in(logits, ref_logits)
+    g = g.to(final.dtype).contiguous()
+    at_ids = None
+    if topk is not None and not st.hrm_zero:  # read before an in-place backward overwrites the logits
+        at_ids = _topk.student_at_ids(logits, topk.ids, params, st, vocab_range_[0])
+    args = (labels, final, g, params, [int(x) for x in st], backend, *vocab_range_, ref_grad,
+            None if topk is None else topk.ids)
     if st.inplace:
-        dt = _ops.grad_inplace(logits, ref_logits, *args)
-        return logits, dt if ref_grad else None
-    ds, dt = _ops.grad(logits, ref_logits, *args)
+        dt = _ops.grad_inplace(logits, t, *args)
+        ds = logits
+    else:
+        ds, dt = _ops.grad(logits, t, *args)
+    if at_ids is not None:
+        ds = _topk.add_correction(ds, topk, at_ids, corr, g, params, vocab_range_[0])
     return ds, dt if ref_grad else None
 
 
 class HRMLossFunction(torch.autograd.Function):
-    """(logits (..., V), ref_logits (..., V), labels (N,) flat, params, Structure, backend, shard) ->
-    per-row loss, ce, kl, z (N,).
+    """(logits (..., V), ref_logits (..., V_ref) or None, labels (N,) flat, params, Structure, backend, shard,
+    topk, token_weights) -> per-row loss, ce, kl, z (N,).
 
     ce, kl and z are not differentiable. The gradient goes to logits, and to ref_logits when it
     requires grad (computed in the same backward pass; no extra traffic otherwise). With a `shard`
     (vocabulary-parallel), the forward communicates; the backward does not. With st.inplace the
-    gradient of the logits is written into their storage and returned as that tensor.
+    gradient of the logits is written into their storage and returned as that tensor. `topk`
+    (`_topk.TopK`) replaces ref_logits by a sparse teacher.
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, params, st, backend, shard=None):
-        loss, ce, kl, z, final = forward_rows(logits, ref_logits, labels, params, st, backend, shard)
-        ctx.save_for_backward(logits, ref_logits, labels, final, params)
+    def forward(ctx, logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None):
+        loss, ce, kl, z, final, corr = forward_rows(logits, ref_logits, labels, params, st, backend, shard, topk,
+                                                    token_weights)
+        ctx.save_for_backward(logits, ref_logits, labels, final, params, corr,
+                              *(topk if topk is not None else ()))
         ctx.st, ctx.backend, ctx.vocab_range = st, backend, vocab_range(logits, shard)
         ctx.mark_non_differentiable(ce, kl, z)
         return loss, ce, kl, z
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        logits, ref_logits, labels, final, params = ctx.saved_tensors
+        logits, ref_logits, labels, final, params, corr, *topk = ctx.saved_tensors
         st = ctx.st._replace(inplace=ctx.st.inplace and ctx.needs_input_grad[0])
         ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, st, ctx.backend,
-                           ctx.vocab_range, ctx.needs_input_grad[1])
-        return ds, dt, None, None, None, None, None
+                           ctx.vocab_range, ctx.needs_input_grad[1], _topk.TopK(*topk) if topk else None, corr)
+        return ds, dt, None, None, None, None, None, None, None

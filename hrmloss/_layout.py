@@ -24,18 +24,23 @@ class Layout(tuple):
 #   lse_s = logsumexp(s)          s_y = s[y] (0 unless this shard owns the label)
 #   lse_u = logsumexp(u = s / T)  lse_w = logsumexp(w = t / T)
 #   ep = E_p[w - u]               eq = E_q[u - w]          sum_s = sum_j s_j (label smoothing)
-PARTIAL = Layout(("lse_s", "s_y", "lse_u", "lse_w", "ep", "eq", "sum_s"))
+#   lse_rest = logsumexp of u over the ids outside the row's top-k ids (a sparse teacher that needs the
+#              student's mass off its ids: topk_mode="tail" or kl="jsd"; else lse_u: no id is excluded)
+# Without a dense reference (a sparse teacher), lse_w = -inf and ep = eq = 0.
+PARTIAL = Layout(("lse_s", "s_y", "lse_u", "lse_w", "ep", "eq", "sum_s", "lse_rest"))
 
 # How each partial column combines over vocabulary shards (the vocabulary-parallel merge):
 #   "lse":      log sum_r exp(x_r)
 #   "sum":      sum_r x_r
 #   ("mean", c): sum_r exp(c_r - c) x_r, an expectation under the softmax whose lse is column c
 PARTIAL_MERGE = {"lse_s": "lse", "s_y": "sum", "lse_u": "lse", "lse_w": "lse",
-                 "ep": ("mean", "lse_w"), "eq": ("mean", "lse_u"), "sum_s": "sum"}
+                 "ep": ("mean", "lse_w"), "eq": ("mean", "lse_u"), "sum_s": "sum", "lse_rest": "lse"}
 
 # Final row statistics of the whole vocabulary, saved by the forward for the gradient pass.
 #   kl_p = KL(p||q), kl_q = KL(q||p) (forward / reverse);  KL(p||m), KL(q||m) for "jsd"
-FINAL = Layout(("lse_s", "lse_u", "lse_w", "kl_p", "kl_q"))
+#   coef = a: without a dense reference (a sparse teacher) the divergence's gradient is
+#          d kl / d u = a q + (a correction at the top-k ids, applied outside the pass); 0 otherwise
+FINAL = Layout(("lse_s", "lse_u", "lse_w", "kl_p", "kl_q", "coef"))
 
 # The JSD pass's per-row sums: KL(p||m), KL(q||m).
 JSD = Layout(("kl_pm", "kl_qm"))

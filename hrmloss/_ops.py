@@ -7,6 +7,7 @@ The checks that read data (labels, tensor-valued options) run inside `row_stats`
 eager and compiled calls raise alike.
 """
 import contextlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,19 +35,59 @@ def check_labels(labels, lo, hi, ignore_index, name="labels"):
                          f"ignore_index={ignore_index}")
 
 
+def _fail(ok, message, first_bad):
+    """ValueError(message + the first bad value) on the CPU, an async device assert on CUDA (no sync)."""
+    if ok.device.type == "cuda":
+        torch._assert_async(ok.all(), message)
+    elif ok.numel() and not bool(ok.all()):
+        raise ValueError(f"{message}: {first_bad(~ok)}")
+
+
+def check_topk(ids, logprobs, vocab_size):
+    """A sparse teacher's data: ids in [0, V) and distinct in each row, log-probs <= 0 (not NaN) whose
+    probabilities sum to at most 1 + 1e-2 per row."""
+    _fail((ids >= 0) & (ids < vocab_size), f"ref_topk indices: an id outside [0, {vocab_size})",
+          lambda bad: f"found {ids[bad][0].item()}")
+    if ids.shape[-1] > 1:
+        srt = ids.sort(-1).values
+        _fail((srt[..., 1:] != srt[..., :-1]).all(-1), "ref_topk indices: an id repeated in a row",
+              lambda bad: f"row {int(bad.reshape(-1).nonzero()[0, 0])} (flat)")
+    _fail(logprobs <= 0, "ref_topk logprobs: expected log-probabilities <= 0 (and not NaN)",
+          lambda bad: f"found {logprobs[bad][0].item()}")
+    mass = logprobs.float().exp().sum(-1)
+    _fail(mass <= 1 + 1e-2, "ref_topk logprobs: the top-k probabilities of a row sum above 1 + 1e-2",
+          lambda bad: f"sum {mass[bad][0].item()}")
+
+
+def check_weights(weights):
+    _fail(weights >= 0, "token_weights: expected weights >= 0 (and not NaN)",
+          lambda bad: f"found {weights[bad][0].item()}")
+
+
 @torch.library.custom_op("hrmloss::row_stats", mutates_args=())
 def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, params: Tensor, structure: list[int],
-              backend: str, vocab_start: int, vocab_size: int) -> Tensor:
-    """(N, PARTIAL) partial row statistics of this vocabulary shard (see _layout)."""
+              backend: str, vocab_start: int, vocab_size: int, topk_ids: Optional[Tensor] = None,
+              topk_logprobs: Optional[Tensor] = None, token_weights: Optional[Tensor] = None) -> Tensor:
+    """(N, PARTIAL) partial row statistics of this vocabulary shard (see _layout).
+
+    Without a dense reference (a sparse teacher) ref_logits is never read; topk_ids (N, K) feed
+    PARTIAL.lse_rest. The data checks of labels, option tensors, the sparse teacher and the token
+    weights run here, first."""
     st = Structure._make(structure)
     check_labels(labels, 0, vocab_size, st.ignore_index)
     check_params(params, st)
+    if topk_ids is not None:
+        check_topk(topk_ids, topk_logprobs, vocab_size)
+    if token_weights is not None:
+        check_weights(token_weights)
     with no_autocast(logits):
-        return _backends.get(backend).row_stats(*rows_3d(logits, ref_logits), labels, params, st, vocab_start)
+        s, t = rows_3d(logits, ref_logits)
+        return _backends.get(backend).row_stats(s, t, labels, params, st, vocab_start, topk_ids)
 
 
 @row_stats.register_fake
-def _(logits, ref_logits, labels, params, structure, backend, vocab_start, vocab_size):
+def _(logits, ref_logits, labels, params, structure, backend, vocab_start, vocab_size, topk_ids=None,
+      topk_logprobs=None, token_weights=None):
     return logits.new_empty((labels.numel(), len(PARTIAL)), dtype=acc_dtype(logits))
 
 
@@ -67,18 +108,20 @@ def _(logits, ref_logits, labels, lse_uw, params, structure, backend):
 @torch.library.custom_op("hrmloss::grad", mutates_args=())
 def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: Tensor, params: Tensor,
          structure: list[int], backend: str, vocab_start: int, vocab_size: int,
-         ref_grad: bool) -> tuple[Tensor, Tensor]:
-    """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad."""
+         ref_grad: bool, topk_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad.
+    Without a dense reference, only the dense part of a sparse teacher's gradient (hrmloss/_topk.py)."""
     st = Structure._make(structure)._replace(inplace=False)
     with no_autocast(logits):
         ds, dt = _backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,
-                                             vocab_start, vocab_size, ref_grad)
+                                             vocab_start, vocab_size, ref_grad, topk_ids)
     dt = dt.view(ref_logits.shape) if ref_grad else ref_logits.new_empty(0)
     return ds.view(logits.shape), dt
 
 
 @grad.register_fake
-def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_start, vocab_size, ref_grad):
+def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_start, vocab_size, ref_grad,
+      topk_ids=None):
     dt = torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if ref_grad \
         else ref_logits.new_empty(0)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), dt
@@ -87,7 +130,7 @@ def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_st
 @torch.library.custom_op("hrmloss::grad_inplace", mutates_args=("logits",))
 def grad_inplace(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: Tensor, params: Tensor,
                  structure: list[int], backend: str, vocab_start: int, vocab_size: int,
-                 ref_grad: bool) -> Tensor:
+                 ref_grad: bool, topk_ids: Optional[Tensor] = None) -> Tensor:
     """`grad` with d loss / d logits written into `logits` itself (inplace_backward=True); returns
     d loss / d ref_logits, empty unless ref_grad. torch.library bumps the version counter of `logits`,
     so autograd refuses a later use of values saved from it; under torch.compile the mutation is
@@ -96,13 +139,14 @@ def grad_inplace(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tens
     s, t = rows_3d(logits, ref_logits)
     with no_autocast(logits):
         ds, dt = _backends.get(backend).grad(s, t, labels, final, g, params, st, vocab_start, vocab_size,
-                                             ref_grad)
+                                             ref_grad, topk_ids)
     if ds.data_ptr() != logits.data_ptr():  # rows_3d had to copy (a last dim that is not contiguous)
         logits.copy_(ds.reshape(logits.shape))
     return dt.view(ref_logits.shape) if ref_grad else ref_logits.new_empty(0)
 
 
 @grad_inplace.register_fake
-def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_start, vocab_size, ref_grad):
+def _(logits, ref_logits, labels, final, g, params, structure, backend, vocab_start, vocab_size, ref_grad,
+      topk_ids=None):
     return torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if ref_grad \
         else ref_logits.new_empty(0)

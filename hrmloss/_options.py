@@ -26,6 +26,8 @@ from ._layout import PARAMS
 KL_KINDS = ("forward", "reverse", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
+TOPK_MODES = ("renorm", "tail")   # a sparse teacher's semantics (docs/divergences.md)
+REF_VOCABS = ("error", "truncate")  # a reference whose vocabulary size differs from the student's
 
 Value = Union[float, torch.Tensor]
 
@@ -87,6 +89,10 @@ class Structure(NamedTuple):
     ignore_index: int
     check: int         # bit i set: PARAMS[i] is a run-time value whose range check_params checks
     inplace: bool      # the backward writes the gradient of the logits into the logits' storage
+    has_ref: bool = True   # a dense reference tensor; False: a sparse (top-k) teacher, no reference loads
+    rest: bool = False     # sparse teacher: also the student's mass off the top-k ids (PARTIAL.lse_rest)
+    tail: bool = False     # sparse teacher, topk_mode="tail" (else "renorm")
+    cut: bool = False      # the reference covers the first V_ref < V columns only (ref_vocab="truncate")
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,8 @@ class LossOptions:
     z_loss: Value = _value(0.0, 0.0, text="a finite z_loss >= 0")
     softcap: Optional[Value] = _value(None, 0.0, lo_closed=False, text="None or a finite softcap > 0")
     inplace_backward: bool = False
+    topk_mode: str = "renorm"
+    ref_vocab: str = "error"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -117,15 +125,30 @@ class LossOptions:
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("backend", self.backend, BACKENDS)
+        _choice("topk_mode", self.topk_mode, TOPK_MODES)
+        _choice("ref_vocab", self.ref_vocab, REF_VOCABS)
         if not isinstance(self.inplace_backward, bool):
             raise TypeError(f"inplace_backward={self.inplace_backward!r}: expected a bool")
+
+    def check_topk(self):
+        """What a sparse teacher (ref_topk) allows: ValueError naming the option otherwise."""
+        if self.topk_mode == "renorm" and self.kl == "reverse":
+            raise ValueError("kl='reverse' with ref_topk and topk_mode='renorm': KL(q||p~) is infinite (the "
+                             "student has mass off the teacher's top-k ids); expected kl='forward' or 'jsd', "
+                             "or topk_mode='tail'")
+        if self.topk_mode == "tail" and (is_dynamic(self.temperature) or self.temperature != 1.0):
+            raise ValueError(f"temperature={self.temperature!r} with topk_mode='tail': the tail mode is exact "
+                             "at the temperature of the stored log-probabilities only; expected the number 1.0 "
+                             "(or topk_mode='renorm')")
 
     def values(self):
         """name -> value for every runtime scalar of PARAMS (the placeholder 1.0 for a softcap of None)."""
         return {name: 1.0 if name == "softcap" and self.softcap is None else getattr(self, name)
                 for name in PARAMS}
 
-    def structure(self):
+    def structure(self, topk=False, cut=False):
+        """topk: the reference is a sparse teacher (ref_topk); cut: a dense reference with fewer columns
+        than the student (ref_vocab="truncate")."""
         values = self.values()
         return Structure(
             kind=KL_KINDS.index(self.kl),
@@ -134,6 +157,11 @@ class LossOptions:
             hrm_zero=not is_dynamic(self.hrm) and self.hrm == 0,
             ignore_index=self.ignore_index,
             check=sum(1 << i for i, name in enumerate(PARAMS) if is_dynamic(values[name])),
+            has_ref=not topk,
+            # the rest outcome matters unless its teacher probability is 0 and the divergence forward
+            rest=topk and (self.topk_mode == "tail" or self.kl == "jsd"),
+            tail=topk and self.topk_mode == "tail",
+            cut=cut,
             inplace=self.inplace_backward)
 
     def params(self, device, dtype):

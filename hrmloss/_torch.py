@@ -61,29 +61,61 @@ def _lse_and_mean(x, y):
     return m[:, 0] + torch.log(d), torch.where(d == 0, 0.0, a / d)
 
 
-def row_stats(s, t, labels, params, st, vocab_start=0):
-    """(N, PARTIAL) partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w], sum_j s_j."""
+def _cut(u, t, st):
+    """u = s / T, -inf beyond the reference's V_ref columns when st.cut (ref_vocab="truncate")."""
+    if st.cut:
+        u = u.clone()
+        u[:, t.shape[-1]:] = NEG_INF
+    return u
+
+
+def _ref(tc, V, params):
+    """w = t / T in the accumulation dtype, padded with -inf (p = 0) to the student's V columns."""
+    w = tc / _param(params, "temperature")
+    return torch.nn.functional.pad(w, (0, V - w.shape[-1]), value=NEG_INF) if w.shape[-1] < V else w
+
+
+def _off_ids(u, ids, vocab_start):
+    """u with -inf at the row's top-k ids that fall in this shard (the rest outcome's logits): a copy of
+    u padded by one column, where the ids outside the shard land (a scatter Inductor keeps cheap)."""
+    local = ids.long() - vocab_start
+    V = u.shape[-1]
+    padded = torch.nn.functional.pad(u, (0, 1), value=NEG_INF)
+    return padded.scatter(1, torch.where((local >= 0) & (local < V), local, V), NEG_INF)[:, :V]
+
+
+def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
+    """(N, PARTIAL) partial statistics: lse_s, s[y], lse_u, lse_w, E_p[w-u], E_q[u-w], sum_j s_j, lse_rest.
+
+    t: (B, T, V_ref) reference logits (V_ref < V with st.cut), not read without a dense reference;
+    topk_ids: (N, K) global top-k ids, read when st.rest."""
     B, T_rows, V = s.shape
     acc = acc_dtype(s)
     out = torch.empty((B * T_rows, len(PARTIAL)), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
         sc = _student(sc.to(acc), params, st)[0]
-        u = _scaled(sc, params, st)
-        w = tc.to(acc) / _param(params, "temperature")
-        lse_u, eq = _lse_and_mean(u, w)
-        lse_w, ep = _lse_and_mean(w, u)
+        u = _cut(_scaled(sc, params, st), tc, st)
+        if st.has_ref:
+            w = _ref(tc.to(acc), V, params)
+            lse_u, eq = _lse_and_mean(u, w)
+            lse_w, ep = _lse_and_mean(w, u)
+        else:  # (_lse_and_mean's pattern: Inductor fuses it into one pass, torch.logsumexp into more)
+            lse_u, eq = _lse_and_mean(u, u)
+            lse_w, ep = torch.full_like(lse_u, NEG_INF), eq
         y = labels[r0:r1].long() - vocab_start
         owned = (labels[r0:r1] != st.ignore_index) & (y >= 0) & (y < V)
         s_y = sc.gather(1, torch.where(owned, y, 0)[:, None])[:, 0]
-        columns = {"lse_s": torch.logsumexp(sc, -1) if st.scaled else lse_u, "s_y": torch.where(owned, s_y, 0.0),
-                   "lse_u": lse_u, "lse_w": lse_w, "ep": ep, "eq": eq, "sum_s": sc.sum(-1)}
+        lse_rest = _lse_and_mean(_off_ids(u, topk_ids[r0:r1], vocab_start), u)[0] if st.rest else lse_u
+        columns = {"lse_s": torch.logsumexp(sc, -1) if st.scaled or st.cut else lse_u,
+                   "s_y": torch.where(owned, s_y, 0.0), "lse_u": lse_u, "lse_w": lse_w, "ep": ep, "eq": eq,
+                   "sum_s": sc.sum(-1), "lse_rest": lse_rest}
         out[r0:r1] = torch.stack([columns[name] for name in PARTIAL], 1)
     return out
 
 
-def _log_probs(sc, tc, lse_u, lse_w, params, st):
-    lq = _scaled(sc, params, st) - lse_u[:, None]
-    lp = tc / _param(params, "temperature") - lse_w[:, None]
+def _log_probs(u, w, lse_u, lse_w):
+    lq = u - lse_u[:, None]
+    lp = w - lse_w[:, None]
     return lq, lp, lq.exp(), lp.exp()
 
 
@@ -112,23 +144,28 @@ def _divergence_grads(st, beta, lq, lp, q, p, kl_p, kl_q, ref_grad):
 def jsd_sums(s, t, labels, lse_uw, params, st):
     """(N, JSD) partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w."""
     acc = acc_dtype(s)
+    V = s.shape[-1]
     out = torch.empty((lse_uw.shape[0], len(JSD)), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
         sc = _student(sc.to(acc), params, st)[0]
-        lq, lp, q, p = _log_probs(sc, tc.to(acc), lse_uw[r0:r1, 0], lse_uw[r0:r1, 1], params, st)
+        u, w = _cut(_scaled(sc, params, st), tc, st), _ref(tc.to(acc), V, params)
+        lq, lp, q, p = _log_probs(u, w, lse_uw[r0:r1, 0], lse_uw[r0:r1, 1])
         lm = _log_mixture(lq, lp, _param(params, "beta"))
         sums = {"kl_pm": _xlog_ratio(p, lp, lm).sum(-1), "kl_qm": _xlog_ratio(q, lq, lm).sum(-1)}
         out[r0:r1] = torch.stack([sums[name] for name in JSD], 1)
     return out
 
 
-def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
-    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (N, V) (or None), scaled per row by g (N,)
-    fp32. With st.inplace the gradient of s is written into s itself, chunk by chunk (each chunk is read
-    into the accumulation dtype before its gradient overwrites it), and s is returned."""
+def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False, topk_ids=None):
+    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (N, V_ref) (or None), scaled per row by g
+    (N,) fp32. With st.inplace the gradient of s is written into s itself, chunk by chunk (each chunk is
+    read into the accumulation dtype before its gradient overwrites it), and s is returned.
+
+    Without a dense reference the divergence's part is coef * q only (off the top-k ids with st.rest):
+    the caller adds the term at the ids (hrmloss/_topk.py)."""
     B, T_rows, V = s.shape
     ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
-    dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
+    dt = torch.empty((B * T_rows, t.shape[-1]), device=t.device, dtype=t.dtype) if ref_grad else None
     hrm, eps, z_loss, beta = (_param(params, k) for k in ("hrm", "label_smoothing", "z_loss", "beta"))
     c = hrm / _param(params, "temperature")
     acc = acc_dtype(s)
@@ -146,13 +183,19 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
         owned = live & (y_local >= 0) & (y_local < V)
         hit = (1 - eps) * owned.to(acc)
         d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -hit[:, None])
-        if not st.hrm_zero or ref_grad:
+        u = _cut(_scaled(sc, params, st), tc, st)
+        if not st.has_ref:
+            # 2'. a sparse teacher: the dense part coef * q of d kl / d u
+            if not st.hrm_zero:
+                q = torch.exp((_off_ids(u, topk_ids[r0:r1], vocab_start) if st.rest else u) - f["lse_u"][:, None])
+                d += weigh(c, _zero_where(q == 0, f["coef"][:, None] * q))
+        elif not st.hrm_zero or ref_grad:
             # 2. divergence; hrm = 0 (c = 0) drops the term, which can be infinite, instead of scaling it
-            dku, dkw = _divergence_grads(st, beta, *_log_probs(sc, tc.to(acc), f["lse_u"], f["lse_w"], params, st),
-                                         f["kl_p"], f["kl_q"], ref_grad)
+            dku, dkw = _divergence_grads(st, beta, *_log_probs(u, _ref(tc.to(acc), V, params), f["lse_u"],
+                                                               f["lse_w"]), f["kl_p"], f["kl_q"], ref_grad)
             d += weigh(c, dku)
             if ref_grad:
-                dt[r0:r1] = torch.where(live[:, None], gl * weigh(c, dkw), 0.0)
+                dt[r0:r1] = torch.where(live[:, None], gl * weigh(c, dkw[:, :t.shape[-1]]), 0.0)
         # 3. through the soft cap, scale by g; dead rows get zeros
         if dcap is not None:
             d *= dcap

@@ -70,16 +70,16 @@ def _python_dispatch_mode_active():
     return _get_current_dispatch_mode() is not None
 
 
-def _stats_into(out, s, t, labels, params, st, vocab_start):
-    out.copy_(_torch.row_stats(s, t, labels, params, st, vocab_start))
+def _stats_into(out, s, t, labels, params, st, vocab_start, topk_ids):
+    out.copy_(_torch.row_stats(s, t, labels, params, st, vocab_start, topk_ids))
 
 
 def _jsd_into(out, s, t, labels, lse_uw, params, st):
     out.copy_(_torch.jsd_sums(s, t, labels, lse_uw, params, st))
 
 
-def _grad_into(ds_out, dt_out, s, t, labels, final, g, params, st, vocab_start, vocab_size):
-    ds, dt = _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=dt_out is not None)
+def _grad_into(ds_out, dt_out, s, t, labels, final, g, params, st, vocab_start, vocab_size, topk_ids):
+    ds, dt = _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, dt_out is not None, topk_ids)
     ds_out.copy_(ds.view_as(ds_out))
     if dt_out is not None:
         dt_out.copy_(dt)
@@ -126,14 +126,15 @@ def _try_chunks(fn, s, chunk_args, after=None):
         return False
 
 
-def row_stats(s, t, labels, params, st, vocab_start=0):
+def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
     """(N, PARTIAL) partial statistics, as _torch.row_stats."""
     if _use_compiled(s):
         out = torch.empty((s.shape[0] * s.shape[1], len(PARTIAL)), device=s.device, dtype=acc_dtype(s))
         if _try_chunks(_stats_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1], params, st,
-                                                          vocab_start)):
+                                                          vocab_start,
+                                                          None if topk_ids is None else topk_ids[r0:r1])):
             return out
-    return _torch.row_stats(s, t, labels, params, st, vocab_start)
+    return _torch.row_stats(s, t, labels, params, st, vocab_start, topk_ids)
 
 
 def jsd_sums(s, t, labels, lse_uw, params, st):
@@ -146,7 +147,7 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
     return _torch.jsd_sums(s, t, labels, lse_uw, params, st)
 
 
-def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
+def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False, topk_ids=None):
     """d loss / d s (B, T, V) and d loss / d t (or None), as _torch.grad (in s itself with st.inplace).
 
     In place, each compiled chunk writes a (rows, V) buffer that is copied into s for its fresh rows
@@ -154,7 +155,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
     independent, so its wrong results for those rows are dropped)."""
     if _use_compiled(s):
         B, T_rows, V = s.shape
-        dt = torch.empty((B * T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
+        dt = torch.empty((B * T_rows, t.shape[-1]), device=t.device, dtype=t.dtype) if ref_grad else None
         if st.inplace:
             step = min(T_rows, max(1, COMPILED_CHUNK_ELEMS // max(V, 1)))
             buf = torch.empty((step, V), device=s.device, dtype=s.dtype)
@@ -166,6 +167,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
         chunk_st = st._replace(inplace=False)
         if _try_chunks(_grad_into, s, lambda r0, r1, k: (
                 out(r0, r1), dt[r0:r1] if ref_grad else None, s[k], t[k], labels[r0:r1], final[r0:r1],
-                g[r0:r1], params, chunk_st, vocab_start, vocab_size), after):
+                g[r0:r1], params, chunk_st, vocab_start, vocab_size, None if topk_ids is None else topk_ids[r0:r1]),
+                after):
             return ds, dt
-    return _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad)
+    return _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad, topk_ids)

@@ -74,17 +74,30 @@ def _elem_bytes(*xs):
     return max(x.element_size() for x in xs)
 
 
-def row_stats(s, t, labels, params, st, vocab_start=0):
-    """(N, PARTIAL) fp32 partial statistics. Reads s, t once."""
+def _ids(st, labels, topk_ids):
+    """(ids tensor, K, K_PAD) for the kernels: a sparse teacher's (N, K) ids when st.rest, else a stand-in
+    that is never read."""
+    if not st.rest:
+        return labels, 1, 1
+    return topk_ids.contiguous(), topk_ids.shape[1], triton.next_power_of_2(topk_ids.shape[1])
+
+
+def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
+    """(N, PARTIAL) fp32 partial statistics. Reads s (and t with a dense reference) once.
+
+    t: (B, T, V_ref), V_ref < V with st.cut; never read without a dense reference (st.has_ref False);
+    topk_ids: (N, K) global ids, read when st.rest."""
     B, T_rows, V = s.shape
     N = B * T_rows
-    block, elems, warps = read_config(V, _elem_bytes(s, t))
+    block, elems, warps = read_config(V, _elem_bytes(s, t) if st.has_ref else s.element_size())
     splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
     out = torch.empty((N, splits, len(PARTIAL)), device=s.device, dtype=torch.float32)
+    ids, K, K_PAD = _ids(st, labels, topk_ids)
     if N:
         _hrm_stats_kernel[(N, splits)](
-            s, *_strides(s), t, *_strides(t), labels, out, params, T_rows, V, vocab_start, cols,
-            st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, BLOCK_V=block, ELEMS=elems, num_warps=warps)
+            s, *_strides(s), t, *_strides(t), labels, ids, out, params, T_rows, V, t.shape[-1], K, vocab_start,
+            cols, st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, HAS_REF=st.has_ref, REST=st.rest,
+            CUT=st.cut, K_PAD=K_PAD, BLOCK_V=block, ELEMS=elems, num_warps=warps)
     if splits == 1:
         return out.view(N, len(PARTIAL))
     return merge_partial(out, lambda x: x.amax(1, keepdim=True), lambda x: x.sum(1))
@@ -99,26 +112,32 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
     out = torch.empty((N, splits, len(JSD)), device=s.device, dtype=torch.float32)
     if N:
         _hrm_jsd_kernel[(N, splits)](
-            s, *_strides(s), t, *_strides(t), labels, lse_uw.contiguous(), out, params, T_rows, V, cols,
-            st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, BLOCK_V=block, ELEMS=elems, num_warps=warps)
+            s, *_strides(s), t, *_strides(t), labels, lse_uw.contiguous(), out, params, T_rows, V, t.shape[-1],
+            cols, st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, CUT=st.cut, BLOCK_V=block, ELEMS=elems,
+            num_warps=warps)
     return out.sum(1) if splits > 1 else out.view(N, len(JSD))
 
 
-def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False):
-    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (or None), scaled per row by g (N,) fp32.
+def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False, topk_ids=None):
+    """d loss / d s (B, T, V) in the dtype of s, and d loss / d t (B, T, V_ref) (or None), scaled per row by
+    g (N,) fp32.
 
-    With st.inplace the gradient of s is written into s itself (and s is returned)."""
+    With st.inplace the gradient of s is written into s itself (and s is returned). Without a dense
+    reference (st.has_ref False) the divergence's part is coef * q only (off the top-k ids with st.rest):
+    the caller adds the term at the ids (hrmloss/_topk.py)."""
     B, T_rows, V = s.shape
     N = B * T_rows
     ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
-    dt = torch.empty((B, T_rows, V), device=t.device, dtype=t.dtype) if ref_grad else None
+    dt = torch.empty((B, T_rows, t.shape[-1]), device=t.device, dtype=t.dtype) if ref_grad else None
     dt_arg = dt if ref_grad else ds  # not written unless REF_GRAD
+    ids, K, K_PAD = _ids(st, labels, topk_ids)
     if N:
         block, warps = launch_config(V)
         splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
         _hrm_grad_kernel[(N, splits)](
-            s, *_strides(s), t, *_strides(t), labels, final.contiguous(), g.contiguous(), params,
-            ds, *_strides(ds), dt_arg, *_strides(dt_arg), T_rows, V, vocab_start, vocab_size, cols,
-            st.ignore_index, KIND=st.kind, SCALED=st.scaled, SOFTCAP=st.capped,
-            READ_REF=not st.hrm_zero or ref_grad, REF_GRAD=ref_grad, BLOCK_V=block, num_warps=warps)
+            s, *_strides(s), t, *_strides(t), labels, ids, final.contiguous(), g.contiguous(), params,
+            ds, *_strides(ds), dt_arg, *_strides(dt_arg), T_rows, V, vocab_start, vocab_size, t.shape[-1], K,
+            cols, st.ignore_index, KIND=st.kind, SCALED=st.scaled, SOFTCAP=st.capped,
+            READ_REF=st.has_ref and (not st.hrm_zero or ref_grad), REF_GRAD=ref_grad, HAS_REF=st.has_ref,
+            REST=st.rest, CUT=st.cut, K_PAD=K_PAD, BLOCK_V=block, num_warps=warps)
     return ds, dt

@@ -7,11 +7,22 @@
    `hrm_loss(student_logits, reference_logits, labels, hrm=hrm)` against the frozen reference, on the
    same batches in the same order for every hrm (so the runs differ only by hrm).
 4. Evaluation: per-position test ce and kl on held-out windows at log-spaced steps (`PositionLoss`).
-5. Output in `--out`: `hrm_sweep.png`, `position_loss.png`, `test_loss.png`, `pred_vs_real.png`,
-   `demo.json` (every logged number) and `summary.txt`.
+5. Output in `--out`: `demo.json` (every logged number), then what `hrmloss report demo.json` draws
+   from it (`reports.report`: hrm_sweep, position_loss, test_loss, pred_vs_real as PNG and SVG,
+   report.json) and `summary.txt` (the run, the fits, and which of them are too weak to read).
+
+`--grid` (`run_grid`): models of 3 sizes x 2 context lengths trained from scratch on domain B, one
+scaling law with a factor per context length fitted across them (`reports.fit_grid`, the same as
+`hrmloss fit-grid grid.json --group-factor`): `grid.json`, chart (d) `grid.png/svg`,
+`scaling_law.json` and `summary.txt`.
+
+The defaults are sized for a 2-core CPU; on CUDA `for_device()` switches to a context of 512, a
+larger model and more steps (`CUDA_DEMO`, `CUDA_GRID`), chosen to finish in minutes on one GPU
+but not measured on one (this project's machines have none).
 """
 import ast
 import json
+import math
 import sysconfig
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analysis import PositionLoss, fit_power_law, predict_curve
+from .analysis import PositionLoss
 from .loss import hrm_loss
 
 DEFAULT_HRMS = (0.001, 0.5, 10.0)
@@ -30,14 +41,15 @@ DEFAULT_HRMS = (0.001, 0.5, 10.0)
 
 @dataclass
 class DemoConfig:
-    """Sizes and schedule. The defaults finish in a few minutes on a 2-core CPU; `quick()` in seconds."""
+    """Sizes and schedule. The defaults finish in under 2 minutes on a 2-core CPU; `quick()` in seconds;
+    `for_device()` gives the CUDA sizes (`CUDA_DEMO`) when the device is a GPU."""
 
-    ref_steps: int = 500        # reference training steps on domain A
-    steps: int = 150            # fine-tuning steps on domain B, per hrm
+    ref_steps: int = 1500       # reference training steps on domain A
+    steps: int = 200            # fine-tuning steps on domain B, per hrm
     hrms: tuple = DEFAULT_HRMS
     seed: int = 0
     device: str = "auto"
-    context: int = 64           # T, tokens per window
+    context: int = 128          # T, tokens per window
     batch: int = 16             # windows per step
     d_model: int = 64
     n_layer: int = 2
@@ -45,8 +57,8 @@ class DemoConfig:
     ref_lr: float = 1e-2
     lr: float = 3e-3
     n_evals: int = 7            # log-spaced evaluation steps per run (the last included)
-    eval_windows: int = 512     # held-out windows of domain A (the per-position chart needs many)
-    eval_windows_b: int = 128   # held-out windows of domain B, for the fine-tuning runs
+    eval_windows: int = 1024    # held-out windows of domain A (the per-position chart needs many)
+    eval_windows_b: int = 192   # held-out windows of domain B, for the fine-tuning runs
     corpus_bytes: int = 1 << 20  # at most this many bytes per domain
     fit_fraction: float = 0.4   # share of the tokens range used to fit the "Pred" curves
     progress: bool = True
@@ -55,6 +67,10 @@ class DemoConfig:
         """A tiny run for tests and smoke checks."""
         return replace(self, ref_steps=60, steps=40, context=32, batch=8, d_model=48, n_layer=1, n_head=2,
                        n_evals=4, eval_windows=64, eval_windows_b=32, corpus_bytes=1 << 17)
+
+    def for_device(self):
+        """The CUDA sizes (`CUDA_DEMO`) when `device` resolves to a GPU, else self."""
+        return replace(self, **CUDA_DEMO) if _resolve_device(self.device).type == "cuda" else self
 
     def validate(self):
         for name in ("ref_steps", "steps", "context", "batch", "d_model", "n_layer", "n_head", "n_evals",
@@ -69,7 +85,22 @@ class DemoConfig:
             raise ValueError(f"d_model={self.d_model}: expected a multiple of n_head={self.n_head}")
         if not self.hrms:
             raise ValueError("hrms: expected at least one value")
+        for h in self.hrms:
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or not (math.isfinite(h) and h >= 0):
+                raise ValueError(f"hrm={h!r}: expected a finite number >= 0")
+        if not 0 < self.fit_fraction < 1:
+            raise ValueError(f"fit_fraction={self.fit_fraction!r}: expected a number in (0, 1)")
+        _resolve_device(self.device)
         return self
+
+
+# On one GPU: a context the model uses (the per-position curves have 512 positions to fall over), a
+# model (1.8M parameters) and a schedule (6M tokens for the reference) meant for late per-position fits
+# with R^2 >= 0.9 in a few minutes; not run on a GPU (this project's machines have none). The corpus
+# grows to the whole standard library (about 2.3 MB of docstrings, 8 MiB of code), so that the
+# reference sees its prose under 3 times.
+CUDA_DEMO = dict(ref_steps=1500, steps=300, context=512, batch=8, d_model=192, n_layer=4, n_head=6, ref_lr=3e-3,
+                 lr=1e-3, n_evals=8, eval_windows=512, eval_windows_b=256, corpus_bytes=8 << 20)
 
 
 # 1. Corpus -------------------------------------------------------------------------------------------
@@ -83,8 +114,15 @@ def _docstring_nodes(tree):
                 yield node, node.body[0]
 
 
+def _stdlib_files(root):
+    """The top-level `.py` files, then those of its packages (not site-/dist-packages), sorted."""
+    yield from sorted(root.glob("*.py"))
+    skip = {"site-packages", "dist-packages"}
+    yield from (p for p in sorted(root.glob("*/**/*.py")) if not skip & set(p.relative_to(root).parts))
+
+
 def stdlib_domains(max_bytes=1 << 20):
-    """(prose, code) bytes from the standard library's top-level `.py` files, in sorted file order.
+    """(prose, code) bytes from the standard library's `.py` files (top level first), in sorted file order.
 
     prose: every docstring (`ast.get_docstring`, cleaned), one paragraph each.
     code: the source lines of the same files minus the lines of those docstrings.
@@ -92,7 +130,7 @@ def stdlib_domains(max_bytes=1 << 20):
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     prose, code, n_prose, n_code = [], [], 0, 0
-    for path in sorted(root.glob("*.py")):
+    for path in _stdlib_files(root):
         if n_prose >= max_bytes and n_code >= max_bytes:
             break
         try:
@@ -117,14 +155,21 @@ def stdlib_domains(max_bytes=1 << 20):
     return a, b
 
 
-def split_tokens(data, context, eval_windows):
-    """Bytes -> (train, test) int64 token tensors: the last `eval_windows` windows of T+1 tokens are test."""
+def split_tokens(data, context, eval_windows, seed=0):
+    """Bytes -> (train, test) int64 token tensors.
+
+    The last max(10 %, eval_windows * (T + 1)) tokens are held out; `eval_windows` test windows of T+1
+    tokens start at random (seeded) offsets in them, so that a position of the window is not tied to
+    one place of the text (contiguous windows give the per-position curve a fixed zig-zag).
+    """
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    n_test = eval_windows * (context + 1)
+    n_test = max(tokens.numel() // 10, eval_windows * (context + 1))
     if tokens.numel() < 4 * n_test:
         raise ValueError(f"corpus of {tokens.numel()} tokens: expected at least {4 * n_test} for context={context}, "
                          f"eval_windows={eval_windows}")
-    return tokens[:-n_test], tokens[-n_test:].view(eval_windows, context + 1)
+    held = tokens[-n_test:]
+    start = torch.randint(0, n_test - context, (eval_windows,), generator=torch.Generator().manual_seed(seed))
+    return tokens[:-n_test], held[start[:, None] + torch.arange(context + 1)]
 
 
 def batches(train, context, batch, steps, seed):
@@ -196,7 +241,9 @@ def evaluate(model, ref, windows, hrm):
 
 
 def _progress(cfg, total, desc):
-    from tqdm.auto import tqdm
+    from ._extras import require
+
+    tqdm = require("tqdm.auto", "the demo's progress bars").tqdm
     return tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
 
 
@@ -247,11 +294,17 @@ def train(cfg, model, train_tokens, test_windows, *, ref=None, hrm=0.0, lr, step
 def _resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+    return device
 
 
 def run(cfg):
-    """Run the whole demo (corpus, reference, sweep, evaluations, fits); returns the JSON-able results."""
+    """Run the whole demo (corpus, reference, sweep, evaluations); returns the JSON-able results."""
     cfg.validate()
     device = _resolve_device(cfg.device)
     t0 = time.perf_counter()
@@ -276,34 +329,17 @@ def run(cfg):
         runs[repr(float(hrm))] = train(cfg, student, b_train, b_test, ref=ref, hrm=float(hrm), lr=cfg.lr,
                                        steps=cfg.steps, seed=cfg.seed + 1, desc=f"hrm={hrm:g} on B")
 
-    results = {"config": asdict(cfg) | {"hrms": [float(h) for h in cfg.hrms], "device": str(device)},
-               "corpus": {"domain_a": "stdlib docstrings (prose)", "domain_b": "stdlib code without docstrings",
-                          "bytes_a": len(prose), "bytes_b": len(code), "tokenizer": "bytes (V=256)"},
-               "reference": reference, "runs": runs}
-    results["fits"] = _fits(results, cfg)
-    results["seconds"] = time.perf_counter() - t0
-    return results
-
-
-def _fits(results, cfg):
-    """Power laws of per-position test loss per evaluation step, and Pred-vs-Real of every run."""
-    ev = results["reference"]["eval"]
-    positions = np.arange(1, cfg.context + 1)
-    fits = {"position": {}, "prediction": {}}
-    for step, curve in zip(ev["step"], ev["position_ce"]):
-        fits["position"][str(step)] = fit_power_law(positions, curve, var="T").to_dict()
-    curves = {"reference": results["reference"]} | {f"hrm={h}": r for h, r in results["runs"].items()}
-    for name, run_ in curves.items():
-        tr = run_["train"]
-        fits["prediction"][name] = predict_curve(tr["tokens"], tr["loss"], cfg.fit_fraction).to_dict()
-    return fits
+    return {"config": asdict(cfg) | {"hrms": [float(h) for h in cfg.hrms], "device": str(device)},
+            "corpus": {"domain_a": "stdlib docstrings (prose)", "domain_b": "stdlib code without docstrings",
+                       "bytes_a": len(prose), "bytes_b": len(code), "tokenizer": "bytes (V=256)"},
+            "reference": reference, "runs": runs, "seconds": time.perf_counter() - t0}
 
 
 def summary(results):
-    """A short human-readable text of the sweep, the fits and the predictions."""
+    """The run in a few lines: sizes, time, final test values per hrm (the fits follow from `report`)."""
     cfg, ref = results["config"], results["reference"]
-    lines = [f"hrmloss demo: byte-level GPT (d={cfg['d_model']}, layers={cfg['n_layer']}, T={cfg['context']}), "
-             f"device {cfg['device']}, {results['seconds']:.0f} s",
+    lines = [f"hrmloss demo: byte-level GPT (d={cfg['d_model']}, layers={cfg['n_layer']}, T={cfg['context']}, "
+             f"batch {cfg['batch']}), device {cfg['device']}, {results['seconds']:.0f} s of training and evaluation",
              f"reference: {cfg['ref_steps']} steps on domain A (stdlib docstrings); test CE on A "
              f"{ref['eval']['ce'][-1]:.3f}, on B {ref['on_b']['ce']:.3f} nats/byte",
              f"fine-tuning on domain B (stdlib code), {cfg['steps']} steps per hrm, final test values:",
@@ -311,26 +347,124 @@ def summary(results):
     for h, r in results["runs"].items():
         e = r["eval"]
         lines.append(f"  {float(h):>8g} {e['ce'][-1]:>8.3f} {e['kl'][-1]:>10.4f} {e['loss'][-1]:>12.3f}")
-    lines.append("per-position test loss of the reference, L(T) = a + b * T^-c:")
-    for step, f in results["fits"]["position"].items():
-        lines.append(f"  step {step:>5}: {f['formula']}  (c = {f['c']:.2f} +- {f['c_err']:.2f}, R^2 {f['r2']:.3f})")
-    lines.append(f"Pred vs Real: L(D) = E + B * D^-beta fitted on the first {cfg['fit_fraction']:.0%} of tokens:")
-    for name, p in results["fits"]["prediction"].items():
-        lines.append(f"  {name:>12}: {p['fit']['formula']}, held-out mean abs error {p['mae']:.3f}, "
-                     f"final relative error {p['final_rel_err']:+.1%}")
     return "\n".join(lines) + "\n"
 
 
-def main(out="hrmloss-demo", cfg=None):
-    """Run the demo and write the four PNGs, demo.json and summary.txt into `out`; returns the results."""
-    from . import plots
+def main(out="hrmloss-demo", cfg=None, *, formats=("png", "svg")):
+    """Run the demo; write demo.json, the charts of `hrmloss report demo.json` and summary.txt into `out`.
 
-    cfg = cfg or DemoConfig()
+    Returns (paths written, summary text).
+    """
+    from . import reports
+    from .runlogs import read_runs
+
+    cfg = (cfg or DemoConfig().for_device()).validate()
     results = run(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(results, indent=1, allow_nan=True))
-    plots.plot_demo(results, out)
-    text = summary(results)
+    paths, text = reports.report(read_runs(out / "demo.json"), out, fit_fraction=cfg.fit_fraction, formats=formats)
+    text = summary(results) + text
     (out / "summary.txt").write_text(text)
-    return results, text
+    return [out / "demo.json", *paths, out / "summary.txt"], text
+
+
+# --grid: a scaling law across model sizes and context lengths ------------------------------------------
+
+@dataclass
+class GridConfig:
+    """Models of `widths` (d_model) x `contexts`, trained from scratch on domain B (stdlib code).
+
+    Every run sees `tokens_per_step` tokens per step (batch = tokens_per_step // context) for `steps`
+    steps, so runs differ only in size and context. The defaults finish in a few minutes on a 2-core CPU.
+    """
+
+    widths: tuple = (32, 64, 128)
+    contexts: tuple = (64, 128)
+    n_layer: int = 2
+    n_head: int = 4
+    tokens_per_step: int = 2048
+    steps: int = 400
+    lr: float = 3e-3
+    fit_fraction: float = 0.5
+    corpus_bytes: int = 2 << 20
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def quick(self):
+        """A tiny grid for tests (seconds)."""
+        return replace(self, widths=(16, 24, 32), contexts=(16, 32), n_layer=1, n_head=2, tokens_per_step=256,
+                       steps=40, corpus_bytes=1 << 17)
+
+    def for_device(self):
+        """The CUDA sizes (`CUDA_GRID`) when `device` resolves to a GPU, else self."""
+        return replace(self, **CUDA_GRID) if _resolve_device(self.device).type == "cuda" else self
+
+    def validate(self):
+        for name in ("n_layer", "n_head", "tokens_per_step", "steps", "corpus_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected a positive int")
+        if self.steps < 20:
+            raise ValueError(f"steps={self.steps}: expected at least 20 (the law needs points to fit)")
+        if len(set(self.widths)) < 3:
+            raise ValueError(f"widths={self.widths!r}: expected at least 3 model sizes (the law has E, A, alpha)")
+        for w in self.widths:
+            if w % self.n_head:
+                raise ValueError(f"widths: {w} is not a multiple of n_head={self.n_head}")
+        for t in self.contexts:
+            if not 1 <= t <= self.tokens_per_step:
+                raise ValueError(f"contexts: {t} is not in [1, tokens_per_step={self.tokens_per_step}]")
+        _resolve_device(self.device)
+        return self
+
+
+CUDA_GRID = dict(widths=(128, 256, 384), contexts=(256, 1024), n_layer=4, n_head=8, tokens_per_step=16384,
+                 steps=1500, lr=1e-3, corpus_bytes=8 << 20)
+
+
+def non_embedding_params(model):
+    """N of a scaling law: parameters outside the token/position embeddings and the output head."""
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("tok.", "pos.", "head.")))
+
+
+def grid(cfg):
+    """Train every (context, width) of the grid; returns the JSON-able results (grid.json)."""
+    cfg.validate()
+    device = _resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    _, code = stdlib_domains(cfg.corpus_bytes)
+    rows = []
+    for context in cfg.contexts:
+        run_cfg = DemoConfig(context=context, batch=cfg.tokens_per_step // context, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_evals=2, eval_windows_b=16, device=cfg.device, progress=cfg.progress)
+        b_train, b_test = split_tokens(code, context, run_cfg.eval_windows_b)
+        for width in cfg.widths:
+            torch.manual_seed(cfg.seed)
+            model = TinyGPT(context, width, cfg.n_layer, cfg.n_head).to(device)
+            log = train(replace(run_cfg, d_model=width), model, b_train, b_test.to(device), lr=cfg.lr,
+                        steps=cfg.steps, seed=cfg.seed, desc=f"T={context} d={width}")["train"]
+            rows.append({"name": f"T={context}, d={width}", "N": non_embedding_params(model), "group": f"T={context}",
+                         "context": context, "d_model": width, "step": log["step"], "tokens": log["tokens"],
+                         "loss": log["loss"]})
+    return {"config": asdict(cfg) | {"device": str(device)}, "grid": rows, "seconds": time.perf_counter() - t0}
+
+
+def run_grid(out="hrmloss-grid", cfg=None, *, formats=("png", "svg")):
+    """Run the grid; write grid.json, then what `hrmloss fit-grid grid.json` writes, and summary.txt."""
+    from . import reports
+    from .runlogs import read_runs
+
+    cfg = (cfg or GridConfig().for_device()).validate()
+    results = grid(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.json").write_text(json.dumps(results, indent=1))
+    paths, text, _ = reports.fit_grid(read_runs(out / "grid.json"), out, fit_fraction=cfg.fit_fraction,
+                                      group_factor=True, formats=formats)
+    head = (f"hrmloss demo --grid: {len(cfg.widths)} widths {cfg.widths} x contexts {cfg.contexts}, {cfg.n_layer} "
+            f"layers, {cfg.steps} steps of {cfg.tokens_per_step} tokens on domain B, device {results['config']['device']}, "
+            f"{results['seconds']:.0f} s of training\n")
+    (out / "summary.txt").write_text(head + text)
+    return [out / "grid.json", *paths, out / "summary.txt"], head + text

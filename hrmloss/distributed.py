@@ -15,11 +15,15 @@ shard statistics combine exactly (notation of kernels/hrm_loss.py, shards r = 0.
 Collectives per forward call, all `all_reduce` on tensors of the logits' device, N = rows:
 
     1. check: MAX of 6 int64, [V_l, -V_l, N, -N, c, -c] (c a checksum of the labels)
-    2. stats: MAX of (N, 3) fp32, the shard lse (a stable reference for the exponentials)
-    3. stats: SUM of (N, 7) fp32, the rescaled sums, s[y], sum_j s_j and the weighted expectations
+    2. stats: MAX of (N, 4) fp32, the shard lse (a stable reference for the exponentials)
+    3. stats: SUM of (N, 8) fp32, the rescaled sums, s[y], sum_j s_j and the weighted expectations
     4. (kl="jsd" only) SUM of (N, 2) fp32, the JSD partial sums
+       (a sparse teacher, ref_topk, instead) SUM of (N, K) fp32: the student's logit at each top-k id,
+       from the shard that owns it (0 elsewhere); lse_rest, the student's mass off the ids, merges as lse
 
-so 3 (forward, reverse) or 4 (jsd) collectives of at most 7N floats, never the logits. The backward pass
+so 3 (forward, reverse) or 4 (jsd, top-k) collectives of at most max(8, K) N floats, never the logits.
+With ref_vocab="truncate", each rank's ref_logits hold the reference's columns for the global ids of its
+own shard (the last shards fewer columns, at least one, when the reference's vocabulary is smaller). The backward pass
 reads the merged statistics saved by the forward and needs no communication: each rank writes the
 gradient of its own shard.
 """

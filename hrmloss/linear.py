@@ -4,9 +4,11 @@ The student logits s = hidden @ weight.T (+ bias) are never materialised for all
 (tokens) are processed in chunks of c rows; per chunk, with h the chunk's hidden states:
 
     s   = h @ weight.T (+ bias)                  (c, V)   GEMM 1
-    t   = ref_logits[rows]  or  ref_hidden[rows] @ ref_weight.T (+ ref_bias)      (GEMM 4, the reference's)
-    loss, ce, kl, z, final = forward_rows(...)   the core passes of hrm_loss (one row = one token)
-    ds  = d loss_rows / d s, scaled per row by g (the core's grad pass)
+    t   = ref_logits[rows, :V]  or  ref_hidden[rows] @ ref_weight[:V].T (+ ref_bias[:V])   (GEMM 4, the
+          reference's; none for a sparse teacher, ref_topk, whose (c, K) ids and log-probs are sliced instead)
+    loss, ce, kl, z, final[, corr] = forward_rows(...)   the core passes of hrm_loss (one row = one token;
+          corr: a sparse teacher's (c, K) gradient term at its ids)
+    ds  = d loss_rows / d s, scaled per row by g (the core's grad pass, plus corr at the ids)
     grad_hidden[rows] = ds @ weight              (c, H)   GEMM 2
     grad_weight += ds.T @ h                      (V, H)   GEMM 3, accumulated over chunks
     grad_bias   += sum_rows ds
@@ -28,13 +30,15 @@ the vocabulary instead and merges each chunk's row statistics over the group (hr
 
 When is the gradient computed? The incoming gradient of the loss decides:
 - reduction "mean" / "sum": the loss is a scalar, so d loss / d s_i = grad_output * w_i with a known row
-  weight w_i (1/max(count, 1) or 1). The forward computes the gradients with g = w (when grad is enabled)
-  and the backward only multiplies them by the grad_output tensor (no host sync), fused with the cast to
-  the weight's dtype. GEMMs: 3 student + 1 reference. Such a graph can be backpropagated once.
+  weight w_i (1/max(count, 1) or 1, times the token weight). The forward computes the gradients with
+  g = w (when grad is enabled) and the backward only multiplies them by the grad_output tensor (no host
+  sync), fused with the cast to the weight's dtype. GEMMs: 3 student + 1 reference (none for a sparse
+  teacher). Such a graph can be backpropagated once.
 - reduction "none": grad_output is an arbitrary per-token tensor, unknown in the forward. The forward
-  keeps only the (N, 5) final row statistics; the backward recomputes the logits chunk by chunk and runs
-  the gradient pass with g = grad_output: GEMMs 1 + 1 reference in the forward, 3 + 1 reference in the
-  backward (the logits GEMMs are done twice), the memory stays O(c V).
+  keeps only the (N, FINAL) final row statistics (and a sparse teacher's (N, K) gradient terms at its
+  ids); the backward recomputes the logits chunk by chunk and runs the gradient pass with g = grad_output
+  (token weights included): GEMMs 1 + 1 reference in the forward, 3 + 1 reference in the backward (the
+  logits GEMMs are done twice), the memory stays O(c V).
 
 All of it runs on one stream and never waits for the host, so the CPU queues chunk after chunk while the
 GPU works. Per chunk the GEMMs dominate (~90 % of the time at N = 8192, H = 4096, V = 128256: four GEMMs
@@ -48,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _frontend
+from . import _frontend, _topk
 from ._core import rows_3d
 from ._frontend import Call
 from ._function import forward_rows, grad_rows, vocab_range
@@ -58,8 +62,9 @@ from ._torch_compiled import compiled_rows
 
 # Automatic chunk: the most rows whose per-chunk (c, V) buffers fit in `chunk_bytes`. The buffers are the
 # student logits s (their gradient ds overwrites them), plus the reference logits t when they are computed
-# from hidden states, each in the GEMM dtype. Every chunk reads the (V, H) weight three times and the weight-gradient
-# accumulator once, so small chunks turn the loss into weight traffic and small-K GEMMs.
+# from hidden states, each in the GEMM dtype (a sparse teacher adds only (c, K) values). Every chunk reads
+# the (V, H) weight three times and the weight-gradient accumulator once, so small chunks turn the loss
+# into weight traffic and small-K GEMMs.
 # - CUDA: 512 MiB, 1024 rows at V = 128256 bf16 with a reference from hidden states (rounded down to a
 #   multiple of CHUNK_ALIGN rows): GEMMs with M, K >= 1024 run near peak; s and t (0.49 GiB) stay below
 #   the bf16 gradient (0.98 GiB at H = 4096) that the end of the backward allocates anyway.
@@ -72,7 +77,7 @@ CHUNK_BYTES = {"cuda": 512 << 20}
 CHUNK_BYTES_DEFAULT = 64 << 20
 CHUNK_FRACTION_DEFAULT = 8
 CHUNK_ALIGN = 64
-_TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias")
+_TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias", "ref_topk", "token_weights")
 
 
 def chunk_rows(n_rows, vocab, buffer_bytes_per_row, device, chunk_bytes=None):
@@ -159,17 +164,26 @@ class _Operands(NamedTuple):
     weight: torch.Tensor             # (V, H) in the GEMM dtype
     bias: torch.Tensor | None        # (V,) in the GEMM dtype
     labels: torch.Tensor             # (N,) flat, contiguous
-    ref3: torch.Tensor               # (B', T', V) reference logits, or (B', T', H_ref) reference hidden
-    ref_weight: torch.Tensor | None  # (V, H_ref) in the GEMM dtype, when ref3 holds hidden states
-    ref_bias: torch.Tensor | None    # (V,)
+    ref3: torch.Tensor | None        # (B', T', V_ref) reference logits, (B', T', H_ref) reference hidden, or
+                                     # None for a sparse teacher
+    ref_weight: torch.Tensor | None  # (min(V_ref, V), H_ref) in the GEMM dtype, when ref3 holds hidden states
+    ref_bias: torch.Tensor | None    # (min(V_ref, V),)
     dtype: torch.dtype               # the GEMM dtype
+    topk: _topk.TopK | None          # a sparse teacher: flat (N, K) ids and log-probs
+    weights: torch.Tensor | None     # (N,) token weights
 
 
-def _operands(dtype, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias):
+def _operands(dtype, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, topk=None,
+              weights=None):
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731 (no copy when the dtype is already right)
-    (ref3,) = rows_3d(ref_logits if ref_logits is not None else ref_hidden)
+    ref = ref_logits if ref_logits is not None else ref_hidden
+    ref3 = None if ref is None else rows_3d(ref)[0]
     (h3,) = rows_3d(hidden)
-    return _Operands(h3, cast(weight), cast(bias), labels, ref3, cast(ref_weight), cast(ref_bias), dtype)
+    V = weight.shape[0]
+    if ref_weight is not None and ref_weight.shape[0] > V:  # ref_vocab="truncate": only the first V rows
+        ref_weight, ref_bias = ref_weight[:V], None if ref_bias is None else ref_bias[:V]
+    return _Operands(h3, cast(weight), cast(bias), labels, ref3, cast(ref_weight), cast(ref_bias), dtype, topk,
+                     weights)
 
 
 def _take_rows(x3, r0, r1):
@@ -190,11 +204,15 @@ def _linear(x, weight, bias):
 
 def _chunk_logits(ops, r0, r1):
     """(h, s, t) of rows [r0, r1): hidden (c, H) and student logits (c, V) in the GEMM dtype; reference
-    logits (c, V), a view of ref_logits or computed from the reference's hidden states."""
+    logits (c, min(V_ref, V)), a view of ref_logits or computed from the reference's hidden states, or
+    None for a sparse teacher."""
     h = _take_rows(ops.h3, r0, r1).to(ops.dtype)
+    s = _linear(h, ops.weight, ops.bias)
+    if ops.ref3 is None:
+        return h, s, None
     ref = _take_rows(ops.ref3, r0, r1)
-    t = ref if ops.ref_weight is None else _linear(ref, ops.ref_weight, ops.ref_bias)
-    return h, _linear(h, ops.weight, ops.bias), t
+    t = ref[:, :s.shape[-1]] if ops.ref_weight is None else _linear(ref, ops.ref_weight, ops.ref_bias)
+    return h, s, t
 
 
 class _Grads(NamedTuple):
@@ -255,34 +273,41 @@ def _new_grads(ops, want_hidden, want_weight, want_bias, acc_dtype):
         and not _fp32_output_gemm(weight, ops.weight) else None)
 
 
-def _chunk_grad(s, t, y, final, g, plan):
-    """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass, written
-    into s itself (the chunk's own buffer, read by nothing after it), so ds costs no memory."""
+def _chunk_grad(s, t, y, final, g, plan, topk, corr):
+    """d loss / d s (c, V) of one chunk, rows weighted by g (c,) fp32: the core's gradient pass (and a
+    sparse teacher's term `corr` (c, K) at its ids), written into s itself (the chunk's own buffer, read
+    by nothing after it), so ds costs no memory."""
     return grad_rows(s, t, y, final, g, plan.call.params, plan.call.st._replace(inplace=True), plan.call.backend,
-                     vocab_range(s, plan.shard), False)[0]
+                     vocab_range(s, plan.shard), False, topk, corr)[0]
 
 
 def _forward_chunk(ops, plan, k, rows, g, grads):
-    """Loss statistics of chunk k (rows [r0, r1)) into `rows` (loss, ce, kl, z, final); with g (0-dim fp32
-    row weight) also the gradients with that weight on every row. Its (c, V) buffers die when it returns."""
+    """Loss statistics of chunk k (rows [r0, r1)) into `rows` (loss, ce, kl, z, final[, a sparse teacher's
+    corr]); with g (fp32 row weight: 0-dim, or (N,) with token weights) also the gradients with that weight.
+    Its (c, V) buffers die when it returns."""
     call = plan.call
     r0, r1 = plan.chunks[k]
     h, s, t = _chunk_logits(ops, r0, r1)
     y = ops.labels[r0:r1]
-    out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard)
+    topk = _topk.chunk_rows(ops.topk, r0, r1)
+    weights = None if ops.weights is None else ops.weights[r0:r1]
+    out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard, topk, weights)
     for buf, x in zip(rows, out):
         buf[r0:r1] = x
     if g is not None:
-        ds = _chunk_grad(s, t, y, out[-1], g.expand(r1 - r0), plan)
+        g = g.expand(r1 - r0) if g.dim() == 0 else g[r0:r1]
+        final, corr = out[4], out[5]
+        ds = _chunk_grad(s, t, y, final, g, plan, topk, corr)
         del s, t  # before the two gradient GEMMs: only ds (in s's buffer) is live
         grads.add(ops, h, ds, r0, r1, k, len(plan.chunks))
 
 
-def _backward_chunk(ops, plan, k, final, g, grads):
+def _backward_chunk(ops, plan, k, final, corr, g, grads):
     """Recompute the logits of chunk k and backpropagate per-row weights g (N,) fp32."""
     r0, r1 = plan.chunks[k]
     h, s, t = _chunk_logits(ops, r0, r1)
-    ds = _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g[r0:r1], plan)
+    ds = _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g[r0:r1], plan, _topk.chunk_rows(ops.topk, r0, r1),
+                     None if corr is None else corr[r0:r1])
     del s, t
     grads.add(ops, h, ds, r0, r1, k, len(plan.chunks))
 
@@ -299,40 +324,47 @@ class _Plan(NamedTuple):
 
 
 class LinearHRMLossFunction(torch.autograd.Function):
-    """(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan) ->
-    (loss, ce_rows, kl_rows, z_rows): loss reduced for "mean" / "sum", per row (N,) for "none"; the
-    others (N,) detached.
+    """(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan, topk_ids,
+    topk_logprobs, weights) -> (loss, ce_rows, kl_rows, z_rows): loss reduced for "mean" / "sum" (token
+    weights applied), per row (N,) and unweighted for "none" (the front end's `finish` weighs it, and
+    autograd with it); the others (N,) detached.
 
-    Gradients flow to hidden, weight and bias only; the reference side is a constant.
+    Gradients flow to hidden, weight and bias only; the reference side (or sparse teacher) is a constant.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan):
+    def forward(ctx, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias, plan,
+                topk_ids=None, topk_logprobs=None, weights=None):
         call = plan.call
         reduction = call.opts.reduction
+        topk = None if topk_ids is None else _topk.TopK(topk_ids, topk_logprobs)
         n = labels.shape[0]
         rows = (*(labels.new_empty((n,), dtype=call.params.dtype) for _ in range(4)),
                 labels.new_empty((n, len(FINAL)), dtype=call.params.dtype))
+        if topk is not None:  # the sparse teacher's gradient term at its ids, per row
+            rows += (labels.new_empty(topk_ids.shape, dtype=call.params.dtype),)
         live = labels != call.st.ignore_index
         wants = [plan.grad_enabled and w for w in ctx.needs_input_grad[:3]]
         ctx.eager = any(wants) and reduction != "none"
         with no_autocast(hidden):
             ops = _operands(plan.gemm_dtype, hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight,
-                            ref_bias)
+                            ref_bias, topk, weights)
             grads = _new_grads(ops, *wants, plan.acc_dtype) if ctx.eager else None
-            g = _frontend.row_weight(live, reduction, call.num_items) if ctx.eager else None
+            g = _frontend.row_weight(live, reduction, call.num_items, weights) if ctx.eager else None
             for k in range(len(plan.chunks)):
                 _forward_chunk(ops, plan, k, rows, g, grads)
             if grads is not None:
                 grads.all_reduce_hidden(plan.shard)
-        loss_rows, ce, kl, z, final = rows
+        loss_rows, ce, kl, z, final = rows[:5]
+        corr = rows[5] if topk is not None else None
         ctx.grads, ctx.plan, ctx.hidden_shape = grads, plan, hidden.shape
         ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(ce, kl, z)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels, ref_logits, ref_hidden, ref_weight, ref_bias,
-                                  final)
-        ctx.mark_non_differentiable(ce, kl, z)
-        return _frontend.reduce_rows(loss_rows, live, reduction, call.num_items), ce, kl, z
+                                  topk_ids, topk_logprobs, weights, final, corr)
+            return loss_rows, ce, kl, z
+        return _frontend.reduce_rows(loss_rows, live, reduction, call.num_items, weights), ce, kl, z
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -346,18 +378,19 @@ class LinearHRMLossFunction(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             gh, gw, gb = grads.result(grad_loss.float(), *ctx.dtypes)
         else:          # "none": recompute the logits chunk by chunk, backpropagate the per-row grad_loss
-            *tensors, final = ctx.saved_tensors
+            *tensors, ids, lps, weights, final, corr = ctx.saved_tensors
             plan = ctx.plan
+            topk = None if ids is None else _topk.TopK(ids, lps)
             with no_autocast(final):
-                ops = _operands(plan.gemm_dtype, *tensors)
+                ops = _operands(plan.gemm_dtype, *tensors, topk, weights)
                 grads = _new_grads(ops, *ctx.needs_input_grad[:3], plan.acc_dtype)
-                g = grad_loss.float().contiguous()
+                g = grad_loss.float().contiguous()  # token weights: in grad_loss already (finish weighs rows)
                 for k in range(len(plan.chunks)):
-                    _backward_chunk(ops, plan, k, final, g, grads)
+                    _backward_chunk(ops, plan, k, final, corr, g, grads)
                 grads.all_reduce_hidden(plan.shard)
                 gh, gw, gb = grads.result(None, *ctx.dtypes)
         gh = None if gh is None else gh.view(ctx.hidden_shape)
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,7 +429,8 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
                     ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
                     reduction="mean", return_components=False, chunk_size=None, chunk_bytes=None,
                     grad_acc_dtype=None, backend="auto", label_smoothing=0.0, z_loss=0.0, softcap=None,
-                    num_items=None, process_group=None, check_finite=False):
+                    num_items=None, process_group=None, check_finite=False, ref_topk=None, topk_mode="renorm",
+                    ref_vocab="error", token_weights=None):
     """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
 
     With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (docs/design.md §1):
@@ -423,7 +457,14 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         ref_logits: (..., V) any float dtype, precomputed reference logits; or instead
         ref_hidden, ref_weight, ref_bias: the reference's last hidden states (..., H_ref), output weight
             (V, H_ref) and optional bias (V,), one float dtype; the reference logits are then computed
-            chunk by chunk too. Exactly one of the two forms. The reference side is a constant.
+            chunk by chunk too; or instead
+        ref_topk, topk_mode: a sparse teacher (indices, logprobs), each labels.shape + (K,), as in
+            `hrm_loss` (no reference GEMM). Exactly one of the three forms. The reference side is a constant.
+        ref_vocab: "error" (default) or "truncate", as in `hrm_loss`: ref_logits / ref_weight may then have
+            V_ref != V classes; the divergence uses the first min(V, V_ref) ids (only the first V rows of
+            a larger ref_weight are multiplied, only the first V columns of larger ref_logits are read).
+        token_weights: (...) = labels.shape, float, >= 0, as in `hrm_loss`: each token's loss (and its
+            gradient) is multiplied by its weight; "mean" divides by the weight sum of counted tokens.
         kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
         num_items, check_finite: as in `hrm_loss` (the value options may be 0-dim tensors there too).
         return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
@@ -439,9 +480,11 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         process_group: None, or the `torch.distributed.ProcessGroup` over which the output layer is
             vocabulary-parallel (Megatron's column-parallel lm_head): rank r passes its rows
             [r V_l, (r+1) V_l) of weight (and bias, ref_weight, ref_bias, or its columns of ref_logits),
-            V_l equal on every rank; hidden, ref_hidden and labels (global ids) are the same on every
-            rank. The loss is that of the whole vocabulary; weight's gradient is that of this rank's rows,
-            hidden's the full one (summed over the group: do not all-reduce it again).
+            V_l equal on every rank; hidden, ref_hidden, labels and ref_topk (global ids) are the same on
+            every rank. With ref_vocab="truncate" and a smaller reference, a rank passes the reference's
+            rows (columns) of the ids of its shard, fewer on the last ranks but at least one. The loss is
+            that of the whole vocabulary; weight's gradient is that of this rank's rows, hidden's the full
+            one (summed over the group: do not all-reduce it again).
 
     Returns:
         The fp32 loss (a scalar, or the shape of labels for reduction="none"), or `HRMLossOutput` whose
@@ -451,31 +494,41 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     """
     _check_chunking(chunk_size, chunk_bytes)
     mixed = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
-    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, mixed)
+    _frontend.check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, ref_vocab,
+                           topk=ref_topk is not None, mixed=mixed)
+    V = weight.shape[0]
+    vocab = V  # the ids of a sparse teacher are global: K <= the whole vocabulary
+    if process_group is not None and ref_topk is not None:
+        from .distributed import check_group
+        vocab *= check_group(process_group)[1]
+    topk = _frontend.check_topk(ref_topk, labels, vocab)
+    weights = _frontend.check_weights(token_weights, labels)
+    V_ref = V if topk is not None else (ref_logits.shape[-1] if ref_logits is not None else ref_weight.shape[0])
     gemm_dtype = _gemm_dtype(hidden)
     acc_dtype = _check_grad_acc_dtype(grad_acc_dtype, gemm_dtype)
     call = _frontend.make_call(
         dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap),
+             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, topk_mode=topk_mode,
+             ref_vocab=ref_vocab),
         hidden.device, (gemm_dtype,), return_components=return_components, num_items=num_items,
-        check_finite=check_finite)
+        check_finite=check_finite, topk=topk is not None, cut=V_ref < V)
     flat = labels.reshape(-1).contiguous()
-    V = weight.shape[0]
     shard = None
     if process_group is not None:
         from .distributed import vocab_shard
         shard = vocab_shard(process_group, V, flat)
     n, min_last = flat.shape[0], 1
     if chunk_size is None:
-        buffers = 1 if ref_logits is not None else 2  # s (then ds in place), and t when computed here
+        buffers = 2 if ref_hidden is not None else 1  # s (then ds in place), and t when computed here
         chunk_size = chunk_rows(n, V, buffers * V * gemm_dtype.itemsize, hidden.device, chunk_bytes)
         if chunk_bytes is None and hidden.device.type == "cpu":
             min_last = compiled_rows(V)  # a shorter last chunk would run the loss passes eagerly
     plan = _Plan(call, chunk_bounds(n, int(chunk_size), min_last), torch.is_grad_enabled(), gemm_dtype, acc_dtype,
                  shard)
     out = LinearHRMLossFunction.apply(
-        hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan)
-    return _frontend.finish(call, *out, labels)
+        hidden, weight, bias, flat, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan,
+        *(topk if topk is not None else (None, None)), weights)
+    return _frontend.finish(call, *out, labels, weights)
 
 
 class LinearHRMLoss(torch.nn.Module):
@@ -483,7 +536,7 @@ class LinearHRMLoss(torch.nn.Module):
     `process_group`) at construction, tensors at the call:
 
         forward(hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
-                ref_bias=None, num_items=None)
+                ref_bias=None, num_items=None, ref_topk=None, token_weights=None)
     """
 
     def __init__(self, hrm=1.0, **options):
@@ -496,9 +549,10 @@ class LinearHRMLoss(torch.nn.Module):
             check_group(options["process_group"])
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
-                ref_bias=None, num_items=None):
+                ref_bias=None, num_items=None, ref_topk=None, token_weights=None):
         return linear_hrm_loss(hidden, weight, labels, bias=bias, ref_logits=ref_logits, ref_hidden=ref_hidden,
-                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, **self.kwargs)
+                               ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items, ref_topk=ref_topk,
+                               token_weights=token_weights, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "process_group")

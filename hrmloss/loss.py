@@ -12,7 +12,8 @@ __all__ = ["HRMLoss", "HRMLossOutput", "hrm_loss"]
 def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, temperature=1.0,
              ignore_index=-100, reduction="mean", return_components=False, backend="auto",
              label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, process_group=None,
-             check_finite=False, inplace_backward=False):
+             check_finite=False, inplace_backward=False, ref_topk=None, topk_mode="renorm", ref_vocab="error",
+             token_weights=None):
     """Fused causal-LM cross-entropy plus `hrm` times a divergence to a reference, in one pass.
 
     Per token i with student logits s, reference logits t, label y (docs/design.md §1):
@@ -29,7 +30,8 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             (float64 runs on backend="torch", for gradcheck.)
         ref_logits: (..., V), any of those dtypes, the reference. Receives a gradient when it requires
             grad (co-training, a learned reference), computed in the same backward pass; when it does
-            not, it costs no extra memory traffic.
+            not, it costs no extra memory traffic. None with `ref_topk`. Another number of columns
+            V_ref != V is an error unless ref_vocab="truncate".
         labels: (...) int64 or int32, values in [0, V) or `ignore_index`.
         hrm: weight of the divergence, finite and >= 0: a number or a 0-dim float tensor (see "Values").
         kl: "forward", "reverse" or "jsd".
@@ -67,6 +69,24 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             runs its backward after this one raises autograd's "modified by an inplace operation"
             error. Under torch.compile the mutation is functionalised and may cost a copy. Off by
             default.
+        ref_topk: a sparse teacher instead of ref_logits (then None): (indices, logprobs), each of shape
+            labels.shape + (K,), K <= V: int32/int64 token ids, distinct in each row, and float
+            log-probabilities (<= 0, at temperature 1) of the teacher at those ids. No (N, V) teacher
+            tensor is ever made; the student's row is read once per pass, the ids K times a row.
+        topk_mode: "renorm" (default): the teacher restricted to its ids and renormalised, p~ = softmax
+            over the K ids of logprobs / T, against the student's full-vocabulary q = softmax(s / T)
+            (kl "forward" or "jsd"; "reverse" is infinite there and an error). "tail": the exact
+            divergence of the two distributions coarsened to K + 1 outcomes, the ids and the rest
+            (p_rest = max(0, 1 - sum p_k)); T = 1 only; "forward", "reverse" or "jsd". The student's
+            rest mass q_rest is summed over the ids off the top-k, never 1 - sum q_k (docs/divergences.md).
+        ref_vocab: "error" (default): a reference with V_ref != V columns is an error. "truncate": the
+            divergence uses the first min(V, V_ref) ids of both (the student renormalised over them when
+            V > V_ref; the other ids are the padding rows of lm_head that such model pairs have); the
+            CE always uses the student's whole vocabulary.
+        token_weights: None, or a float tensor of the shape of labels, >= 0: each token's ce, kl and z
+            (and its gradient) are multiplied by its weight. "mean" divides by the sum of the weights
+            of counted tokens (the mean is 0 when that sum is 0), or by num_items when given: then
+            num_items must be the global weight sum for accumulated micro-batches to equal one batch.
 
     Values: hrm, temperature, beta, label_smoothing, z_loss and softcap are each a Python number or a
     0-dim float tensor (any float dtype, on the CPU or on the logits' device; never differentiated).
@@ -79,13 +99,21 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         The loss, or `HRMLossOutput(loss, ce, kl, z)`, the last three reduced like the loss, detached.
         fp32 for fp32 / bf16 / fp16 logits, float64 for float64 logits (backend="torch").
     """
-    _frontend.check_logits(logits, ref_logits, labels)
+    ref = _frontend.check_logits(logits, ref_logits, labels, ref_vocab, topk=ref_topk is not None)
+    vocab = logits.shape[-1]
+    if process_group is not None and ref_topk is not None:  # the ids are global: K <= the whole vocabulary
+        from .distributed import check_group
+        vocab *= check_group(process_group)[1]
+    topk = _frontend.check_topk(ref_topk, labels, vocab)
+    weights = _frontend.check_weights(token_weights, labels)
+    dtypes = (logits.dtype,) + (() if ref is None else (ref.dtype,))
     call = _frontend.make_call(
         dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
              backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-             inplace_backward=inplace_backward),
-        logits.device, (logits.dtype, ref_logits.dtype), return_components=return_components,
-        num_items=num_items, check_finite=check_finite)
+             inplace_backward=inplace_backward, topk_mode=topk_mode, ref_vocab=ref_vocab),
+        logits.device, dtypes, return_components=return_components, num_items=num_items,
+        check_finite=check_finite, topk=topk is not None,
+        cut=ref is not None and ref.shape[-1] < logits.shape[-1])
     if call.st.inplace:
         _frontend.check_inplace(logits)
     flat = labels.reshape(-1)
@@ -93,8 +121,8 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
     if process_group is not None:
         from .distributed import vocab_shard
         shard = vocab_shard(process_group, logits.shape[-1], flat)
-    rows = HRMLossFunction.apply(logits, ref_logits, flat, call.params, call.st, call.backend, shard)
-    return _frontend.finish(call, *rows, labels)
+    rows = HRMLossFunction.apply(logits, ref, flat, call.params, call.st, call.backend, shard, topk, weights)
+    return _frontend.finish(call, *rows, labels, weights)
 
 
 class HRMLoss(torch.nn.Module):
@@ -108,14 +136,16 @@ class HRMLoss(torch.nn.Module):
     def __init__(self, hrm=1.0, **options):
         super().__init__()
         self.kwargs = _frontend.module_options("HRMLoss", hrm_loss, {"hrm": hrm, **options},
-                                               per_call=("num_items",))
+                                               per_call=("num_items", "ref_topk", "token_weights"))
         if options.get("process_group") is not None:
             from .distributed import check_group
             check_group(options["process_group"])
 
-    def forward(self, logits, ref_logits, labels, num_items=None):
-        """The loss of `hrm_loss` with this module's options; `num_items` per call (it changes per batch)."""
-        return hrm_loss(logits, ref_logits, labels, num_items=num_items, **self.kwargs)
+    def forward(self, logits, ref_logits, labels, num_items=None, *, ref_topk=None, token_weights=None):
+        """The loss of `hrm_loss` with this module's options; per call: `num_items` (it changes per batch),
+        a sparse teacher `ref_topk` (with ref_logits=None) and `token_weights`."""
+        return hrm_loss(logits, ref_logits, labels, num_items=num_items, ref_topk=ref_topk,
+                        token_weights=token_weights, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "process_group")

@@ -1,37 +1,76 @@
-"""The four charts for reading runs, drawn to PNG with matplotlib (imported when a function is called).
+"""The charts for reading runs, drawn with matplotlib (imported when a function is called) to PNG and SVG.
 
-Every function takes plain arrays (or mappings of them) and a path, writes one PNG and returns the path.
-`plot_demo` draws all four from the results of `hrmloss demo` (the dict, or the path of demo.json).
-Figures are built with `matplotlib.figure.Figure` directly: no pyplot, no global backend change.
+(a) `plot_hrm_sweep`: KL and CE against iterations per hrm; (b) `plot_position_loss`: per-token test
+loss against token index with a power law per step; (c) `plot_test_loss`: test loss against step, one
+panel per phase; (d) `plot_grid`: Real and Pred (one scaling law across the grid) per run, rows by
+group, columns by N; and `plot_pred_vs_real`: one curve prediction per run.
+
+One style for all (`STYLE`, and the line styles below): raw per-step values are faint thin lines,
+the rolling median (`analysis.smooth`) over them is bold; fits and predictions are dashed; a fit that
+fails its quality checks (`analysis.FLAGS`) is grey and dashed with the reason in its legend entry.
+Every function takes plain arrays (or mappings of them) and a path (its suffix is replaced by each of
+`formats`) and returns the paths written. No pyplot, no global backend change.
 """
-import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .analysis import _host_xy, fit_power_law, predict_curve
+from .analysis import CurvePrediction, _host_xy, fit_power_law, log_bins, predict_curve, smooth, smooth_window
+
+STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 8,
+         "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+         "axes.spines.right": False, "legend.frameon": True, "legend.framealpha": 0.85,
+         "legend.edgecolor": "0.85", "svg.fonttype": "none", "svg.hashsalt": "hrmloss"}
+RAW = {"lw": 0.6, "alpha": 0.3}             # raw values per step: faint
+BOLD = {"lw": 1.8}                          # rolling median over them: bold
+FIT = {"lw": 1.5, "ls": "--"}               # a fit or prediction that passed its checks
+WEAK = {"lw": 1.2, "ls": "--", "color": "0.6"}  # one that did not: grey
+REAL, PRED = "C0", "C3"
+FORMATS = ("png", "svg")
 
 
-def _figure(nrows, ncols, width=4.2, height=3.2):
+@contextmanager
+def _chart(path, nrows, ncols, width, height, formats, written, **subplots):
+    """A constrained-layout figure in `STYLE`; saved as path.<format> for each format on exit."""
+    from ._extras import require
+
+    mpl = require("matplotlib", "the charts")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
+    formats = _check_formats(formats)
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+        yield fig, fig.subplots(nrows, ncols, squeeze=False, **subplots)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for fmt in formats:
+            written.append(path.with_suffix(f".{fmt}"))
+            extra = {"png": {"pil_kwargs": {"optimize": True}}, "svg": {"metadata": {"Date": None}}}.get(fmt, {})
+            fig.savefig(written[-1], dpi=100, **extra)
 
 
-def _save(fig, path, dpi=100):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+def _check_formats(formats):
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    if not formats or any(f not in ("png", "svg", "pdf") for f in formats):
+        raise ValueError(f"formats={formats!r}: expected some of 'png', 'svg', 'pdf'")
+    return formats
 
 
-def _smooth(y, n):
-    """Trailing moving average over up to n points (the first points average what exists)."""
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    i = np.arange(1, y.size + 1)
-    lo = np.maximum(i - n, 0)
-    return (c[i] - c[lo]) / (i - lo)
+def _si(n):
+    """134000000 -> 134M, 1.36e9 -> 1.36B."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.3g}"
+
+
+def _token_unit(max_tokens):
+    """(divisor, axis label) for tokens trained: billions, millions or thousands, whichever reads."""
+    for scale, word in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
+        if max_tokens >= scale:
+            return scale, f"Tokens trained ({word})"
+    return 1.0, "Tokens trained"
 
 
 def _series(name, x, y, positive_y=False):
@@ -44,151 +83,268 @@ def _series(name, x, y, positive_y=False):
     return x, y
 
 
-def plot_hrm_sweep(runs, path, *, smooth=None):
-    """Chart 1: a 2 x len(runs) grid, one column per hrm: KL (log axis) on top, causal-LM CE below.
+def _raw_and_smooth(ax, x, y, color, window, label=None):
+    """The raw values faint, their rolling median (`smooth`) bold; labelled "<label>: raw" / ": median"."""
+    w = smooth_window(y.size, window)
+    ax.plot(x, y, color=color, label=label and f"{label}: raw, per step", **RAW)
+    ax.plot(x, smooth(y, w), color=color, label=label and f"{label}: rolling median ({w} points)", **BOLD)
+
+
+def plot_hrm_sweep(runs, path, *, window=None, formats=FORMATS):
+    """(a) A 2 x len(runs) grid, one column per hrm: the KL term (log y) on top, causal-LM CE below.
 
     Args:
-        runs: {hrm: {"step": (n,), "kl": (n,), "ce": (n,)}}; hrm a number (or its string).
-        path: the PNG to write.
-        smooth: moving-average window drawn over the raw values (default n // 20, at least 1).
+        runs: {hrm: {"step": (n,), "kl": (n,), "ce": (n,)}}; hrm a number, its string, or a run name.
+        path: the file to write (its suffix is replaced by each format).
+        window: rolling-median window (default n // 25).
     """
     if not runs:
         raise ValueError("runs: expected at least one hrm")
-    fig, axes = _figure(2, len(runs))
-    for col, (hrm, r) in enumerate(sorted(runs.items(), key=lambda kv: float(kv[0]))):
-        for row, (key, label, log) in enumerate((("kl", "Log KL loss", True), ("ce", "Causal LM loss", False))):
-            x, y = _series(f"runs[{hrm}][{key!r}]", r["step"], r[key], positive_y=log)
-            ax = axes[row, col]
-            ax.plot(x, y, color=f"C{row}", alpha=0.3, lw=0.8)
-            ax.plot(x, _smooth(y, smooth or max(1, y.size // 20)), color=f"C{row}", lw=1.8)
-            if log:
-                ax.set_yscale("log")
-            ax.set_title(f"hrm = {float(hrm):g}" if row == 0 else None)
-            ax.set_xlabel("Iterations" if row == 1 else None)
-            ax.set_ylabel(label if col == 0 else None)
-            ax.grid(alpha=0.3, which="both")
-    # One y range per row, so that the columns compare at a glance.
-    for row in range(2):
-        lo = min(ax.get_ylim()[0] for ax in axes[row])
-        hi = max(ax.get_ylim()[1] for ax in axes[row])
-        for ax in axes[row]:
-            ax.set_ylim(lo, hi)
-    return _save(fig, path)
+    written = []
+
+    def key(kv):
+        try:
+            return 0, float(kv[0])
+        except ValueError:
+            return 1, str(kv[0])
+
+    items = sorted(runs.items(), key=key)
+    with _chart(path, 2, len(items), 3.4, 2.6, formats, written, sharex="col") as (fig, axes):
+        for col, (hrm, r) in enumerate(items):
+            for row, (k, label, log) in enumerate((("kl", "KL to reference (log scale)", True),
+                                                   ("ce", "Causal-LM loss (CE)", False))):
+                x, y = _series(f"runs[{hrm!r}][{k!r}]", r["step"], r[k], positive_y=log)
+                ax = axes[row, col]
+                w = window or max(1, y.size // 25)
+                _raw_and_smooth(ax, x, y, f"C{row + 1}", w, label=k.upper() if col == 0 else None)
+                if log:
+                    ax.set_yscale("log")
+                if row == 0:
+                    try:
+                        ax.set_title(f"hrm = {float(hrm):g}")
+                    except ValueError:
+                        ax.set_title(str(hrm))
+                ax.set_xlabel("Iteration" if row == 1 else None)
+                ax.set_ylabel(label if col == 0 else None)
+        for ax in axes[:, 0]:
+            ax.legend(loc="best")
+        # One y range per row, so that the columns compare at a glance.
+        for row in range(2):
+            lo = min(ax.get_ylim()[0] for ax in axes[row])
+            hi = max(ax.get_ylim()[1] for ax in axes[row])
+            for ax in axes[row]:
+                ax.set_ylim(lo, hi)
+    return written
 
 
-def plot_position_loss(steps, curves, path, *, positions=None, fit=True, min_r2=0.2, title="Per-token test loss"):
-    """Chart 2: loss against token index (log x), one curve per step coloured by step, with power laws.
+def position_fits(steps, curves, positions=None, n_bins=32):
+    """`fit_power_law` of each per-position curve, on its log-spaced bins (`analysis.log_bins`).
+
+    Returns a list (one per curve) of PowerLawFit, or None where fewer than 3 positions are finite.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    positions = np.arange(1, curves.shape[1] + 1) if positions is None else np.asarray(positions, np.float64)
+    fits = []
+    for y in curves:
+        ok = np.isfinite(y)
+        fits.append(fit_power_law(*log_bins(positions[ok], y[ok], n_bins), var="T") if ok.sum() >= 3 else None)
+    return fits
+
+
+def plot_position_loss(panels, path, *, formats=FORMATS):
+    """(b) Per-token test loss against token index (log x), one curve per step, a power law each.
+
+    Each curve is drawn thin and solid in its step's colour (colour bar); its fit `a + b * T^-c`
+    (`position_fits`: on log-spaced bins of positions) dashed in the same colour with the formula as
+    its label, or grey with the flags when the fit is not ok.
 
     Args:
-        steps: (k,) the training step of each curve (> 0, for the log colour scale).
-        curves: (k, T) per-position mean loss; NaN positions are skipped.
-        positions: (T,) token indices (default 1..T).
-        fit: fit `L(T) = a + b * T**-c` to each curve (`fit_power_law`) and label it with the formula.
-        min_r2: a fit explaining less than this share of the variance (a flat, noisy curve early in
-            training) is not drawn; its curve is labelled with its step only.
+        panels: {title: {"step": (k,) steps > 0, "loss": (k, T) per-position losses (NaN skipped),
+            optional "positions": (T,) token indices (default 1..T), optional "fits": the curves'
+            `position_fits` when already made}}, one panel each.
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LogNorm
 
-    steps = np.asarray(steps, dtype=np.float64)
-    curves = np.asarray(curves, dtype=np.float64)
-    if curves.ndim != 2 or curves.shape[0] != steps.size or steps.ndim != 1:
-        raise ValueError(f"steps.shape={steps.shape}, curves.shape={curves.shape}: expected (k,) and (k, T)")
-    if steps.size == 0 or not np.isfinite(steps).all() or (steps <= 0).any():
-        raise ValueError("steps: expected at least one finite step > 0")
-    positions = np.arange(1, curves.shape[1] + 1) if positions is None else np.asarray(positions, np.float64)
-    if positions.shape != (curves.shape[1],):
-        raise ValueError(f"positions.shape={positions.shape}: expected ({curves.shape[1]},)")
-    norm = LogNorm(steps.min(), max(steps.max(), steps.min() * 1.01))
-    cmap = "viridis"
-    fig, axes = _figure(1, 1, width=6.4, height=4.4)
-    ax = axes[0, 0]
-    sm = ScalarMappable(norm=norm, cmap=cmap)
-    for step, y in zip(steps, curves):
-        ok = np.isfinite(y)
-        color = sm.to_rgba(step)
-        f = fit_power_law(positions[ok], y[ok], var="T") if fit and ok.sum() >= 3 else None
-        shown = f is not None and f.r2 >= min_r2
-        ax.plot(positions[ok], y[ok], color=color, lw=1.0, alpha=0.6, label=None if shown else f"step {step:g}")
-        if shown:
-            ax.plot(positions[ok], f(positions[ok]), color=color, lw=2.0, ls="--", label=f.formula())
-    ax.set_xscale("log")
-    ax.set_xlabel("Token index")
-    ax.set_ylabel("Test loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.colorbar(sm, ax=ax, label="Step")
-    return _save(fig, path)
+    if not panels:
+        raise ValueError("panels: expected at least one {title: {'step', 'loss'}}")
+    checked = {}
+    for title, p in panels.items():
+        steps = np.asarray(p["step"], dtype=np.float64)
+        curves = np.asarray(p["loss"], dtype=np.float64)
+        if steps.ndim != 1 or curves.ndim != 2 or curves.shape[0] != steps.size:
+            raise ValueError(f"panels[{title!r}]: step.shape={steps.shape}, loss.shape={curves.shape}: "
+                             "expected (k,) and (k, T)")
+        if steps.size == 0 or not np.isfinite(steps).all() or (steps <= 0).any():
+            raise ValueError(f"panels[{title!r}]['step']: expected at least one finite step > 0")
+        pos = np.arange(1, curves.shape[1] + 1) if p.get("positions") is None else np.asarray(p["positions"], float)
+        if pos.shape != (curves.shape[1],):
+            raise ValueError(f"panels[{title!r}]['positions'].shape={pos.shape}: expected ({curves.shape[1]},)")
+        fits = p.get("fits")
+        checked[title] = (steps, curves, pos, position_fits(steps, curves, pos) if fits is None else fits)
+    ncols = min(2, len(checked))
+    nrows = -(-len(checked) // ncols)
+    written = []
+    with _chart(path, nrows, ncols, 5.6, 3.9, formats, written) as (fig, axes):
+        for ax, (title, (steps, curves, pos, fits)) in zip(axes.flat, checked.items()):
+            sm = ScalarMappable(norm=LogNorm(steps.min(), max(steps.max(), steps.min() * 1.01)), cmap="viridis")
+            weak = {}  # flags -> the steps whose fit has them: one legend entry each
+            for step, y, f in zip(steps, curves, fits):
+                ok = np.isfinite(y)
+                color = sm.to_rgba(step)
+                ax.plot(pos[ok], y[ok], color=color, lw=0.9, alpha=0.75)
+                if f is None:
+                    continue
+                if f.ok:
+                    ax.plot(pos[ok], f(pos[ok]), color=color, label=f"step {step:g}: {f.formula()}", **FIT)
+                else:
+                    ax.plot(pos[ok], f(pos[ok]), **WEAK)
+                    weak.setdefault(f.flags, []).append(f"{step:g}")
+            for flags, at in weak.items():
+                ax.plot([], [], label=f"step{'s' * (len(at) > 1)} {', '.join(at)}: no fit ({', '.join(flags)})", **WEAK)
+            ax.set_xscale("log")
+            ax.set_xlabel("Token index T")
+            ax.set_ylabel("Test loss at position T")
+            ax.set_title(title)
+            _fit_legend(ax)
+            fig.colorbar(sm, ax=ax, label="Step")
+        for ax in list(axes.flat)[len(checked):]:
+            ax.set_visible(False)
+    return written
 
 
-def plot_test_loss(runs, path, *, ylabel="Test loss", title="Test loss against step"):
-    """Chart 3: test loss against step (log x), one curve per run or model size.
+def _fit_legend(ax):
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    handles = [Line2D([], [], color="0.3", lw=0.9), Line2D([], [], color="0.3", **FIT)] + handles
+    labels = ["measured (colour: step)", "fit a + b * T^-c (grey: not ok)"] + labels
+    # Below the axes, so that it never hides a curve.
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=6.5)
+
+
+def plot_test_loss(panels, path, *, ylabel="Test loss", formats=FORMATS):
+    """(c) Test loss against step (log x), one panel per phase, one curve per run.
+
+    Runs of different phases (a reference's pre-training and the fine-tuning runs from it) never
+    share a step axis: their step 1 is not the same moment.
 
     Args:
-        runs: {name: (steps (n,), losses (n,))}, steps > 0.
+        panels: {phase title: {run name: (steps (n,) > 0, losses (n,))}}.
+    """
+    if not panels or not all(panels.values()):
+        raise ValueError("panels: expected {phase: {run: (steps, losses)}} with at least one run each")
+    written = []
+    with _chart(path, 1, len(panels), 4.6, 3.4, formats, written) as (fig, axes):
+        i = 0
+        for ax, (phase, runs) in zip(axes[0], panels.items()):
+            for name, (x, y) in runs.items():
+                x, y = _series(f"panels[{phase!r}][{name!r}]", x, y)
+                ax.plot(x, y, "o-", color=f"C{i}", ms=3, lw=1.4, label=str(name))
+                i += 1
+            ax.set_xscale("log")
+            ax.set_xlabel("Step (log scale)")
+            ax.set_title(str(phase))
+            ax.legend()
+        axes[0, 0].set_ylabel(ylabel)
+    return written
+
+
+def _pred_panel(ax, x, y, pred, lo, hi, fit_range, ok, reason, window, unit):
+    """Real (raw faint, median bold), Pred dashed with its band, the fitted range (or None) shaded."""
+    xs = x / unit
+    if fit_range is not None:
+        ax.axvspan(fit_range[0] / unit, fit_range[1] / unit, color="0.92", zorder=0, label="fitted range")
+    _raw_and_smooth(ax, xs, y, REAL, window, label="Real")
+    if ok:
+        ax.fill_between(xs, lo, hi, color=PRED, alpha=0.15, lw=0, label="Pred ~95 % band")
+        ax.plot(xs, pred, color=PRED, label="Pred", **FIT)
+    else:
+        ax.plot(xs, pred, label=f"Pred not ok: {reason}", **WEAK)
+    # The first steps (the loss falling from log V) would flatten everything else: start at 5 %.
+    sy = smooth(y, window)
+    lo_y = min(sy.min(), np.min(pred[len(pred) // 20:]))
+    hi_y = max(sy[len(sy) // 20:].max(), np.max(pred[len(pred) // 20:]))
+    pad = 0.08 * (hi_y - lo_y) + 1e-9
+    ax.set_ylim(lo_y - pad, min(hi_y, sy.max()) + pad)
+
+
+def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, formats=FORMATS):
+    """"Real" total loss against tokens trained and "Pred", one curve prediction per run.
+
+    Pred is `predict_curve` (L(D) = E + B * D^-beta on 5 % to fit_fraction of max D, shaded), drawn over
+    the whole range with its band; a prediction that is not ok is grey with its flags in the legend.
+
+    Args:
+        runs: {name: (tokens (n,), losses (n,))}, tokens > 0; or {name: CurvePrediction} already made.
     """
     if not runs:
         raise ValueError("runs: expected at least one run")
-    fig, axes = _figure(1, 1, width=6.0, height=4.2)
-    ax = axes[0, 0]
-    for i, (name, (x, y)) in enumerate(runs.items()):
-        x, y = _series(f"runs[{name!r}]", x, y)
-        ax.plot(x, y, "o-", color=f"C{i}", ms=3, label=str(name))
-    ax.set_xscale("log")
-    ax.set_xlabel("Step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    preds = {name: v if isinstance(v, CurvePrediction) else predict_curve(*v, fit_fraction) for name, v in runs.items()}
+    unit, xlabel = _token_unit(max(p.x.max() for p in preds.values()))
+    written = []
+    with _chart(path, 1, len(preds), 3.4, 3.0, formats, written) as (fig, axes):
+        for ax, (name, p) in zip(axes[0], preds.items()):
+            w = window or max(1, p.y.size // 25)
+            fitted = p.x[p.fit_mask]
+            _pred_panel(ax, p.x, p.y, p.pred, p.lo, p.hi, (fitted.min(), fitted.max()), p.ok, ", ".join(p.flags),
+                        w, unit)
+            ax.set_title(f"{name}\n{p.fit.formula() if p.ok else 'no reliable fit'}", fontsize=8)
+            ax.set_xlabel(xlabel)
+        axes[0, 0].set_ylabel("Total training loss")
+        axes[0, 0].legend(loc="upper right")
+        for ax in axes[0, 1:]:
+            _weak_legend(ax)
+    return written
 
 
-def plot_pred_vs_real(runs, path, *, fit_fraction=0.4):
-    """Chart 4: "Real" total loss against tokens trained and "Pred", fitted on the early part, per run.
+def _weak_legend(ax):
+    """On panels after the first (which explains every style): only a grey fit's reason."""
+    weak = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels()) if "not ok" in lab]
+    if weak:
+        ax.legend(*zip(*weak), loc="best")
 
-    Pred is `predict_curve` (L(D) = E + B * D**-beta on D <= fit_fraction * max D), drawn over the
-    whole range; the fitted range is shaded.
+
+def plot_grid(runs, law, path, *, window=None, formats=FORMATS):
+    """(d) Total loss against tokens trained, one panel per run: rows by group, columns by N.
+
+    "Real" solid (rolling median bold over the raw values), "Pred" dashed from one scaling law fitted
+    across the whole grid (`fit_scaling_law`), with its bootstrap ~95 % band and the fitted range of
+    each run shaded. A law that is not ok is drawn grey with its flags.
 
     Args:
-        runs: {name: (tokens (n,), losses (n,))}, tokens > 0.
+        runs: the list given to `fit_scaling_law` (dicts with N, tokens, loss, group, name).
+        law: its ScalingLawFit.
     """
-    if not runs:
-        raise ValueError("runs: expected at least one run")
-    fig, axes = _figure(1, len(runs), width=3.6, height=3.2)
-    for ax, (name, (x, y)) in zip(axes[0], runs.items()):
-        p = predict_curve(x, y, fit_fraction)
-        ax.plot(p.x, p.y, color="C0", lw=0.8, alpha=0.8, label="Real")
-        ax.plot(p.x, p.pred, color="C3", lw=1.8, ls="--", label="Pred")
-        ax.axvspan(p.x.min(), p.x[p.fit_mask].max(), color="0.85", zorder=0)
-        ax.set_xscale("log")
-        ax.set_title(f"{name}\n{p.fit.formula()}", fontsize=9)
-        ax.set_xlabel("Tokens")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    axes[0, 0].set_ylabel("Total loss")
-    return _save(fig, path)
-
-
-def plot_demo(results, out):
-    """All four charts from `hrmloss demo` results (dict or path of demo.json) into the folder `out`.
-
-    Returns the paths of hrm_sweep.png, position_loss.png, test_loss.png, pred_vs_real.png.
-    """
-    if not isinstance(results, dict):
-        results = json.loads(Path(results).read_text())
-    out = Path(out)
-    ref, runs = results["reference"], results["runs"]
-    frac = results["config"]["fit_fraction"]
-    ev = ref["eval"]
-    tests = {"reference (CE on A)": (ev["step"], ev["ce"])}
-    tests |= {f"hrm={float(h):g} (CE on B)": (r["eval"]["step"], r["eval"]["ce"]) for h, r in runs.items()}
-    totals = {"reference": (ref["train"]["tokens"], ref["train"]["loss"])}
-    totals |= {f"hrm={float(h):g}": (r["train"]["tokens"], r["train"]["loss"]) for h, r in runs.items()}
-    return [
-        plot_hrm_sweep({h: r["train"] for h, r in runs.items()}, out / "hrm_sweep.png"),
-        plot_position_loss(ev["step"], ev["position_ce"], out / "position_loss.png",
-                           title="Reference: per-token test loss on domain A"),
-        plot_test_loss(tests, out / "test_loss.png"),
-        plot_pred_vs_real(totals, out / "pred_vs_real.png", fit_fraction=frac),
-    ]
+    if len(runs) != len(law.runs):
+        raise ValueError(f"runs: {len(runs)} runs for a law fitted on {len(law.runs)}: expected the same list")
+    groups = list(dict.fromkeys(r.get("group") for r in runs))
+    sizes = sorted({float(r["N"]) for r in runs})
+    unit, xlabel = _token_unit(max(float(np.max(r["tokens"])) for r in runs))
+    written = []
+    with _chart(path, len(groups), len(sizes), 3.0, 2.5, formats, written) as (fig, axes):
+        for ax in axes.flat:
+            ax.set_visible(False)
+        for r, info in zip(runs, law.runs):
+            ax = axes[groups.index(r.get("group")), sizes.index(float(r["N"]))]
+            ax.set_visible(True)
+            x, y = np.asarray(r["tokens"], float), np.asarray(r["loss"], float)
+            pred = law.predict(r["N"], x, r.get("group"))
+            lo, hi = law.band(r["N"], x, r.get("group"))
+            fit_range = (info["tokens_fit_min"], info["tokens_fit_max"]) if info["fitted"] else None
+            _pred_panel(ax, x, y, pred, lo, hi, fit_range, law.ok and not info["flags"],
+                        ", ".join(law.flags or info["flags"]), window or max(1, y.size // 25), unit)
+            err = f"end: {info['final_rel_err']:+.1%}" + ("" if info["fitted"] else " (not fitted)")
+            ax.set_title(f"N = {_si(r['N'])}" + (f", {r['group']}" if r.get("group") is not None else "")
+                         + f"\n{err}", fontsize=8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("Total loss" if ax in list(axes[:, 0]) else None)
+        shown = [ax for ax in axes.flat if ax.get_visible()]
+        shown[0].legend(loc="best")
+        for ax in shown[1:]:
+            _weak_legend(ax)
+        factors = "".join(f", x {v:.3g} at {k[2:]}" for k, v in law.params.items() if k.startswith("k:"))
+        verdict = "" if law.ok else f"not ok: {', '.join(law.flags)}; "
+        fig.suptitle(f"L(N, D) = {law.formula()}{factors} (R^2 {law.r2:.3f})\n{verdict}fitted on "
+                     f"{law.skip_fraction:.0%} to {law.fit_fraction:.0%} of each run's tokens (shaded)", fontsize=9)
+    return written

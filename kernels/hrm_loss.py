@@ -43,7 +43,18 @@ with in-thread reductions along axis 1, and reduced across the block once, after
 are exp2 with log2(e) folded into the scale, e^((x - m) / T) = 2^(c (x - m)) with c = log2(e) / T: one
 FADD, one FMUL and one MUFU.EX2 per element and distribution. tests/aot_compile.py counts the result.
 
-Traffic (NVs = bytes of one logits tensor): stats 2 (s and t once), grad 3 (s, t, ds), JSD +2.
+Without a dense reference (HAS_REF = False: a sparse teacher given as top-k ids and log-probs, see
+hrmloss/_topk.py) the stats pass reads s only and yields lse_s, s[y], lse_u, sum_s, and with REST also
+       lse_rest = logsumexp of u over the ids outside the row's K ids
+(the student's mass off the top-k, q_rest = exp(lse_rest - lse_u), summed directly, never as 1 - sum_k q_k,
+which cancels in fp32); the ids of a block are marked with a K-element histogram. The grad pass then
+adds  hrm / T * a q  with a per-row coefficient a (FINAL.coef), off the ids with REST; the O(K) term
+at the ids is applied outside (hrmloss/_topk.py). With CUT (ref_vocab="truncate", V_ref < V reference
+columns) u is -inf beyond V_ref: q is the student renormalised over the first V_ref ids, and lse_s is kept
+apart.
+
+Traffic (NVs = bytes of one logits tensor): stats 2 (s and t once), grad 3 (s, t, ds), JSD +2; a sparse
+teacher: stats 1, grad 2, plus O(K) a row.
 Rows whose label is ignore_index read nothing and get a zero gradient.
 -inf logits are legal: probability 0, gradient 0; a p > 0 facing q = 0 (or the reverse) gives +inf.
 """
@@ -69,6 +80,7 @@ P_LSE_W = tl.constexpr(PARTIAL.lse_w)
 P_EP = tl.constexpr(PARTIAL.ep)
 P_EQ = tl.constexpr(PARTIAL.eq)
 P_SUM_S = tl.constexpr(PARTIAL.sum_s)
+P_LSE_REST = tl.constexpr(PARTIAL.lse_rest)
 N_PARTIAL = tl.constexpr(len(PARTIAL))
 # columns of the final statistics read by the gradient pass
 F_LSE_S = tl.constexpr(FINAL.lse_s)
@@ -76,6 +88,7 @@ F_LSE_U = tl.constexpr(FINAL.lse_u)
 F_LSE_W = tl.constexpr(FINAL.lse_w)
 F_KL_P = tl.constexpr(FINAL.kl_p)
 F_KL_Q = tl.constexpr(FINAL.kl_q)
+F_COEF = tl.constexpr(FINAL.coef)
 N_FINAL = tl.constexpr(len(FINAL))
 # the JSD pass's sums, and the (N, 2) lse_u, lse_w it reads
 J_KL_PM = tl.constexpr(JSD.kl_pm)
@@ -179,22 +192,29 @@ def _block_shares(m, c):
 def _hrm_stats_kernel(
     s_ptr,          # [B, T_rows, V] student logits, strides (s_stride_b, s_stride_t, 1)
     s_stride_b, s_stride_t,
-    t_ptr,          # [B, T_rows, V] reference logits, strides (t_stride_b, t_stride_t, 1)
+    t_ptr,          # [B, T_rows, V_ref] reference logits, strides (t_stride_b, t_stride_t, 1) (HAS_REF)
     t_stride_b, t_stride_t,
     y_ptr,          # [N] labels (int32/int64), N = B * T_rows
+    ids_ptr,        # [N, K] int top-k ids (global, contiguous), read when REST
     stats_ptr,      # [N, num_programs(1), N_PARTIAL] fp32 out: the PARTIAL columns of each column range
     params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars (temperature, softcap used here)
     T_rows,         # rows per leading index
     V,              # vocabulary (shard) size
+    V_ref,          # reference columns: V, or fewer with CUT
+    K,              # top-k ids per row (REST)
     vocab_start,    # first global id of this shard (0 without sharding)
     split_cols,     # columns per program along grid axis 1 (a multiple of BLOCK_V; >= V when unsplit)
     ignore_index,
     SCALED: tl.constexpr,   # T != 1: a separate lse for s at T = 1
     SOFTCAP: tl.constexpr,
+    HAS_REF: tl.constexpr,  # a dense reference: else no t loads, lse_w = -inf, ep = eq = 0
+    REST: tl.constexpr,     # lse_rest: u's logsumexp off the row's K ids (else lse_rest = lse_u)
+    CUT: tl.constexpr,      # u = -inf beyond V_ref (ref_vocab="truncate"); lse_s from its own maximum
+    K_PAD: tl.constexpr,    # next power of 2 >= K (REST)
     BLOCK_V: tl.constexpr,  # columns per loop iteration
     ELEMS: tl.constexpr,    # contiguous columns per thread per iteration: 16 bytes of the wider dtype
 ):
-    # read s and t once: 2 NVs; write 28 bytes a row and range
+    # read s and t once: 2 NVs (1 without a dense reference); write 32 bytes a row and range
     row = tl.program_id(0).to(tl.int64)
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     softcap = tl.load(params_ptr + SOFTCAP_C)
@@ -223,33 +243,67 @@ def _hrm_stats_kernel(
     d_w = tl.zeros([R], tl.float32)
     b_w = tl.zeros([R], tl.float32)
     d_s = tl.zeros([R], tl.float32)
+    m_f = tl.full([R], NEG_INF, tl.float32)   # CUT: running max of all of s, for lse_s
     sum_s = tl.zeros([R], tl.float32)
+    if REST:  # this row's top-k ids, local to the shard (out-of-shard ids never fall in a block), and
+        #       the sum-exp of u off them (per tile row, with their own running max)
+        kk = tl.arange(0, K_PAD)
+        ids = tl.load(ids_ptr + row * K + kk, mask=kk < K, other=-1).to(tl.int64) - vocab_start
+        m_r = tl.full([R], NEG_INF, tl.float32)
+        d_r = tl.zeros([R], tl.float32)
     for start in range(lo, hi_live, BLOCK_V):
         cols = start + cols0
         mask = cols < hi_live
-        # 1. load one block of each row, in fp32 at once (the student soft-capped if asked)
+        # 1. load one block of each row, in fp32 at once (the student soft-capped if asked); with CUT
+        #    the columns past the reference's leave u (su), not lse_s
         s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
-        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        if CUT:
+            su = tl.where(cols < V_ref, s, NEG_INF)
+            t_mask = mask & (cols < V_ref)
+        else:
+            su = s
+            t_mask = mask
+        if HAS_REF:
+            t = tl.load(t_row + cols, mask=t_mask, other=NEG_INF).to(tl.float32)
         sum_s += tl.sum(tl.where(mask, s, 0.0), 1)
         # 2. running maxima (max(c x) = c max(x) for c > 0) and one exp2 per element per distribution
-        ms_new = tl.maximum(m_s, tl.max(s, 1))
-        mt_new = tl.maximum(m_t, tl.max(t, 1))
-        r_u, e_u = _exp2_block(m_s, ms_new, s, c)
-        r_w, e_w = _exp2_block(m_t, mt_new, t, c)
-        # 3. the weighted sums of s - t. Where a term's weight is 0 the log-ratio may be infinite (or
-        #    NaN at -inf - -inf): clamping it on the side that only meets zero weights keeps those
-        #    terms 0, while an infinite term of non-zero weight (q > 0 facing p = 0 in a_u, p > 0
-        #    facing q = 0 in b_w) stays infinite, or NaN when its weight underflowed; both mean +inf.
-        diff = s - t
-        d_u = d_u * r_u + tl.sum(e_u, 1)
-        a_u = a_u * r_u + tl.sum(e_u * tl.maximum(diff, -BIG), 1)
-        d_w = d_w * r_w + tl.sum(e_w, 1)
-        b_w = b_w * r_w + tl.sum(e_w * tl.minimum(diff, BIG), 1)
-        if SCALED:
+        ms_new = tl.maximum(m_s, tl.max(su, 1))
+        if HAS_REF:
+            mt_new = tl.maximum(m_t, tl.max(t, 1))
+        r_u, e_u = _exp2_block(m_s, ms_new, su, c)
+        if HAS_REF:
+            r_w, e_w = _exp2_block(m_t, mt_new, t, c)
+            # 3. the weighted sums of s - t. Where a term's weight is 0 the log-ratio may be infinite
+            #    (or NaN at -inf - -inf): clamping it on the side that only meets zero weights keeps
+            #    those terms 0, while an infinite term of non-zero weight (q > 0 facing p = 0 in a_u,
+            #    p > 0 facing q = 0 in b_w) stays infinite, or NaN when its weight underflowed; both
+            #    mean +inf.
+            diff = su - t
+            d_u = d_u * r_u + tl.sum(e_u, 1)
+            a_u = a_u * r_u + tl.sum(e_u * tl.maximum(diff, -BIG), 1)
+            d_w = d_w * r_w + tl.sum(e_w, 1)
+            b_w = b_w * r_w + tl.sum(e_w * tl.minimum(diff, BIG), 1)
+            m_t = mt_new
+        else:
+            d_u = d_u * r_u + tl.sum(e_u, 1)
+        if CUT:
+            mf_new = tl.maximum(m_f, tl.max(s, 1))
+            r_s, e_s = _exp2_block(m_f, mf_new, s, c1)
+            d_s = d_s * r_s + tl.sum(e_s, 1)
+            m_f = mf_new
+        elif SCALED:
             r_s, e_s = _exp2_block(m_s, ms_new, s, c1)
             d_s = d_s * r_s + tl.sum(e_s, 1)
+        if REST:
+            # the block's lanes that hold one of the row's ids: a K-element histogram over the block
+            in_block = (ids >= start) & (ids < start + BLOCK_V)
+            hit = tl.histogram((ids - start).to(tl.int32), BLOCK_V, mask=in_block) > 0
+            off = tl.where(tl.reshape(hit, [R, ELEMS]), NEG_INF, su)
+            mr_new = tl.maximum(m_r, tl.max(off, 1))
+            r_r, e_r = _exp2_block(m_r, mr_new, off, c)
+            d_r = d_r * r_r + tl.sum(e_r, 1)
+            m_r = mr_new
         m_s = ms_new
-        m_t = mt_new
     # 4. across the block, once: rescale every tile row to the row's maximum M and add up;
     #    lse_u = ln(2^(c M_s) D_u) = M_s / T + ln2 log2(D_u), and log2(0) = -inf for an empty range
     f_u, M_s = _block_shares(m_s, c)
@@ -265,11 +319,19 @@ def _hrm_stats_kernel(
     ep = tl.where(D_w == 0.0, 0.0, -B_w / tl.where(D_w == 0.0, 1.0, D_w)) * inv_temp
     eq = tl.where(eq == eq, eq, INF)
     ep = tl.where(ep == ep, ep, INF)
-    if SCALED:
+    if CUT:
+        f_s, M_f = _block_shares(m_f, c1)
+        lse_s = M_f + tl.log2(tl.sum(d_s * f_s, 0)) * LN2
+    elif SCALED:
         f_s, _M = _block_shares(m_s, c1)
         lse_s = M_s + tl.log2(tl.sum(d_s * f_s, 0)) * LN2
     else:
         lse_s = lse_u
+    if REST:
+        f_r, M_r = _block_shares(m_r, c)
+        lse_rest = M_r * inv_temp + tl.log2(tl.sum(d_r * f_r, 0)) * LN2
+    else:
+        lse_rest = lse_u
     # 5. the target logit, if this range owns the label (one element)
     y_local = y - vocab_start
     owned = live & (y_local >= lo) & (y_local < hi)
@@ -283,6 +345,7 @@ def _hrm_stats_kernel(
     tl.store(out + P_EP, ep)
     tl.store(out + P_EQ, eq)
     tl.store(out + P_SUM_S, tl.sum(sum_s, 0))
+    tl.store(out + P_LSE_REST, lse_rest)
 
 
 @triton.jit
@@ -315,16 +378,18 @@ def _log_mixture(p, q, beta):
 @triton.jit
 def _hrm_jsd_kernel(
     s_ptr, s_stride_b, s_stride_t,   # [B, T_rows, V] student logits
-    t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V] reference logits
+    t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V_ref] reference logits
     y_ptr,          # [N] labels
     lse_ptr,        # [N, 2] fp32 in: final lse_u, lse_w (over the whole vocabulary)
     out_ptr,        # [N, num_programs(1), N_JSD] fp32 out: kpm = sum p log(p/m), kqm = sum q log(q/m)
     params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars (temperature, beta, softcap used here)
     T_rows, V,
+    V_ref,          # reference columns: V, or fewer with CUT
     split_cols,     # columns per program along grid axis 1 (a multiple of BLOCK_V)
     ignore_index,
     SCALED: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    CUT: tl.constexpr,      # u = -inf beyond V_ref
     BLOCK_V: tl.constexpr,
     ELEMS: tl.constexpr,    # contiguous columns per thread per iteration
 ):
@@ -348,7 +413,11 @@ def _hrm_jsd_kernel(
         cols = start + cols0
         mask = cols < hi_live
         s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
-        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
+        t_mask = mask
+        if CUT:
+            s = tl.where(cols < V_ref, s, NEG_INF)
+            t_mask = mask & (cols < V_ref)
+        t = tl.load(t_row + cols, mask=t_mask, other=NEG_INF).to(tl.float32)
         # m = beta p + (1 - beta) q > 0 wherever p > 0 or q > 0. A zero probability is a zero weight:
         # the logs are clamped to >= -BIG so that 0 * (a finite difference) = 0, never NaN.
         lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
@@ -363,24 +432,31 @@ def _hrm_jsd_kernel(
 @triton.jit
 def _hrm_grad_kernel(
     s_ptr, s_stride_b, s_stride_t,   # [B, T_rows, V] student logits
-    t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V] reference logits
+    t_ptr, t_stride_b, t_stride_t,   # [B, T_rows, V_ref] reference logits (HAS_REF)
     y_ptr,          # [N] labels
-    stats_ptr,      # [N, N_FINAL] fp32 in: the FINAL columns lse_s, lse_u, lse_w, kl_p, kl_q
+    ids_ptr,        # [N, K] int top-k ids (global, contiguous), read when REST
+    stats_ptr,      # [N, N_FINAL] fp32 in: the FINAL columns lse_s, lse_u, lse_w, kl_p, kl_q, coef
     g_ptr,          # [N] fp32 in: per-row scale g_i (grad_output x reduction factor)
     params_ptr,     # [len(PARAMS)] fp32 in: runtime scalars
     ds_ptr,         # [B, T_rows, V] out, dtype of s: d loss / d s (may be s itself: in-place backward)
     ds_stride_b, ds_stride_t,
-    dt_ptr,         # [B, T_rows, V] out, dtype of t: d loss / d t (only when REF_GRAD)
+    dt_ptr,         # [B, T_rows, V_ref] out, dtype of t: d loss / d t (only when REF_GRAD)
     dt_stride_b, dt_stride_t,
     T_rows, V, vocab_start,
     vocab_size,     # V_total, the whole vocabulary over all shards (label smoothing's eps / V_total)
+    V_ref,          # reference columns: V, or fewer with CUT
+    K,              # top-k ids per row (REST)
     split_cols,     # columns per program along grid axis 1 (a multiple of BLOCK_V)
     ignore_index,
     KIND: tl.constexpr,      # 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD
     SCALED: tl.constexpr,    # T != 1
     SOFTCAP: tl.constexpr,
-    READ_REF: tl.constexpr,  # hrm != 0 or REF_GRAD: the divergence's gradient is needed
+    READ_REF: tl.constexpr,  # a dense reference and (hrm != 0 or REF_GRAD): its gradient terms are needed
     REF_GRAD: tl.constexpr,  # write dt
+    HAS_REF: tl.constexpr,   # a dense reference; else d kl / d u = coef q here (+ the sparse term at the ids)
+    REST: tl.constexpr,      # without HAS_REF: coef q off the row's K ids only (the ids' term is the caller's)
+    CUT: tl.constexpr,       # u = -inf beyond V_ref
+    K_PAD: tl.constexpr,     # next power of 2 >= K (REST)
     BLOCK_V: tl.constexpr,
 ):
     # read s (and t when READ_REF), write ds (and dt): 3 NVs for the usual case
@@ -401,6 +477,7 @@ def _hrm_grad_kernel(
     lse_w = tl.load(st + F_LSE_W)
     kl_p = tl.load(st + F_KL_P)   # KL(p||q), or KL(p||m) for JSD
     kl_q = tl.load(st + F_KL_Q)   # KL(q||p), or KL(q||m) for JSD
+    coef = tl.load(st + F_COEF)   # a of d kl / d u = a q (+ the term at the ids) without HAS_REF
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     beta = tl.load(params_ptr + BETA)
     label_smoothing = tl.load(params_ptr + LABEL_SMOOTHING)  # eps: CE target (1 - eps) onehot(y) + eps / V_total
@@ -409,6 +486,9 @@ def _hrm_grad_kernel(
     softcap = tl.load(params_ptr + SOFTCAP_C)
     y_local = y - vocab_start
     c = tl.load(params_ptr + HRM) * inv_temp
+    if REST:  # this row's top-k ids, local to the shard
+        kk = tl.arange(0, K_PAD)
+        ids = tl.load(ids_ptr + row * K + kk, mask=kk < K, other=-1).to(tl.int64) - vocab_start
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < hi
@@ -419,12 +499,32 @@ def _hrm_grad_kernel(
         q1 = _exp(s - lse_s)
         ds = q1 * (1.0 + 2.0 * z_loss * lse_s) - tl.where(cols == y_local, 1.0 - label_smoothing, 0.0)
         ds -= smooth_per_class
+        if CUT:
+            su = tl.where(cols < V_ref, s, NEG_INF)
+            t_mask = mask & (cols < V_ref)
+            dt_mask = in_row & (cols < V_ref)
+        else:
+            su = s
+            t_mask = mask
+            dt_mask = in_row
+        if not HAS_REF:
+            # 2'. a sparse teacher: the dense part a q of d kl / d u (no reference to read); with REST
+            #     only off the ids, where |a q_j| <= q_j + p_rest stays small even when a is huge
+            if c != 0.0:
+                if SCALED:
+                    q = _exp(su * inv_temp - lse_u)
+                else:
+                    q = _exp(su - lse_u)
+                if REST:
+                    in_block = (ids >= start) & (ids < start + BLOCK_V)
+                    q = tl.where(tl.histogram((ids - start).to(tl.int32), BLOCK_V, mask=in_block) > 0, 0.0, q)
+                ds += c * tl.where(q == 0.0, 0.0, coef * q)
         if READ_REF:
             # 2. divergence: the formulas of the module docstring, 0 where the probability is 0; hrm = 0
             #    (c = 0) drops the term instead of multiplying it by 0, since it can be infinite
             if c != 0.0:
-                t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-                lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
+                t = tl.load(t_row + cols, mask=t_mask, other=NEG_INF).to(tl.float32)
+                lq, lp, q, p = _log_probs(su, t, lse_u, lse_w, inv_temp, SCALED)
                 if KIND == 0:
                     dku = q - p
                     dkw = _xlog_ratio(p, lp, lq) - p * kl_p
@@ -438,9 +538,9 @@ def _hrm_grad_kernel(
                 ds += c * dku
                 if REF_GRAD:
                     dt = tl.where(live, g * c * dkw, 0.0)
-                    tl.store(dt_row + cols, dt.to(dt_ptr.dtype.element_ty), mask=in_row)
+                    tl.store(dt_row + cols, dt.to(dt_ptr.dtype.element_ty), mask=dt_mask)
             elif REF_GRAD:
-                tl.store(dt_row + cols, tl.zeros([BLOCK_V], dt_ptr.dtype.element_ty), mask=in_row)
+                tl.store(dt_row + cols, tl.zeros([BLOCK_V], dt_ptr.dtype.element_ty), mask=dt_mask)
         # 3. through the soft cap (d s / d s_raw), scale by g; a dead row writes zeros
         ds = tl.where(live, g * ds * dcap, 0.0)
         tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=in_row)

@@ -44,15 +44,26 @@ OWN_DTYPE_PTRS = {"s_ptr", "t_ptr", "ds_ptr", "dt_ptr"}  # pointers in the logit
 DIVISIBLE_INTS = ("s_stride_b", "s_stride_t", "t_stride_b", "t_stride_t", "ds_stride_b", "ds_stride_t",
                   "dt_stride_b", "dt_stride_t", "T_rows", "V", "vocab_start", "vocab_size", "split_cols")
 
+# the reference's form: a dense reference of V columns; a sparse teacher of K = 64 ids whose rest mass is
+# summed (REST); a dense reference of fewer columns (CUT, ref_vocab="truncate")
+DENSE = dict(HAS_REF=True, REST=False, CUT=False, K_PAD=1)
+TOPK = dict(HAS_REF=False, REST=True, CUT=False, K_PAD=64)
+CUT = dict(DENSE, CUT=True)
 # role -> (kernel, [constexpr variants]); BLOCK_V (and ELEMS) come from the launcher
 ROLES = {
-    "stats": ("_hrm_stats_kernel", [dict(SCALED=sc, SOFTCAP=cap) for cap in (False, True) for sc in (False, True)]),
-    "jsd": ("_hrm_jsd_kernel", [dict(SCALED=sc, SOFTCAP=cap) for cap in (False, True) for sc in (False, True)]),
+    "stats": ("_hrm_stats_kernel", [dict(SCALED=sc, SOFTCAP=cap, **DENSE) for cap in (False, True)
+                                    for sc in (False, True)]
+              + [dict(SCALED=False, SOFTCAP=False, **TOPK), dict(SCALED=False, SOFTCAP=False, **CUT)]),
+    "jsd": ("_hrm_jsd_kernel", [dict(SCALED=sc, SOFTCAP=cap, CUT=False) for cap in (False, True)
+                                for sc in (False, True)]
+            + [dict(SCALED=False, SOFTCAP=False, CUT=True)]),
     "grad": ("_hrm_grad_kernel",
-             [dict(KIND=0, SCALED=sc, SOFTCAP=cap, READ_REF=True, REF_GRAD=rg)
+             [dict(KIND=0, SCALED=sc, SOFTCAP=cap, READ_REF=True, REF_GRAD=rg, **DENSE)
               for rg in (False, True) for cap in (False, True) for sc in (False, True)]
-             + [dict(KIND=k, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False) for k in (1, 2)]
-             + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False)]),
+             + [dict(KIND=k, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **DENSE) for k in (1, 2)]
+             + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **DENSE)]
+             + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **TOPK),
+                dict(KIND=2, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **CUT)]),
 }
 LOOP_TARGETS = {("stats", False): 30, ("stats", True): 36, ("jsd", False): 36, ("jsd", True): 36,
                 ("grad", False): 45, ("grad", True): 45}
@@ -67,7 +78,8 @@ def signature(fn, dtype):
         if param.is_constexpr:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in OWN_DTYPE_PTRS else ("*i64" if name == "y_ptr" else "*fp32")
+            sig[name] = f"*{dtype}" if name in OWN_DTYPE_PTRS else \
+                ("*i64" if name in ("y_ptr", "ids_ptr") else "*fp32")
         elif "stride" in name:
             sig[name] = "i64"
         else:
@@ -85,8 +97,9 @@ def config(role, V, dtype):
 
 
 def target(role, cx):
-    """The loop target of a variant, or None (soft cap and reference-gradient variants are reported only)."""
-    if cx.get("SOFTCAP") or cx.get("REF_GRAD"):
+    """The loop target of a variant, or None (soft cap, reference-gradient, sparse-teacher and cut variants
+    are reported only)."""
+    if cx.get("SOFTCAP") or cx.get("REF_GRAD") or not cx.get("HAS_REF", True) or cx.get("CUT"):
         return None
     return LOOP_TARGETS[(role, cx["SCALED"])]
 
@@ -127,6 +140,10 @@ def _variant(r):
         parts.append("softcap")
     if r["ref_grad"]:
         parts.append("ref grad")
+    if not cx.get("HAS_REF", True):
+        parts.append("top-k teacher, rest mass" if cx.get("REST") else "top-k teacher")
+    if cx.get("CUT"):
+        parts.append("truncated reference")
     return ", ".join(parts)
 
 

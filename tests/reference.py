@@ -22,19 +22,33 @@ def divergence(s, t, kl="forward", beta=0.5, temperature=1.0):
 
 
 def reference_loss(s, t, y, hrm=1.0, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
-                   reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None):
-    """(loss, ce, kl, z) reduced like hrm_loss, float64; ignored tokens count nowhere."""
+                   reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None,
+                   ref_topk=None, topk_mode="renorm", ref_vocab="error", token_weights=None):
+    """(loss, ce, kl, z) reduced like hrm_loss, float64; ignored tokens count nowhere.
+
+    t: (..., V_t) dense reference (V_t != V: the first min(V, V_t) ids of both, ref_vocab="truncate"), or
+    None with ref_topk = (ids, logprobs) (topk_divergence). token_weights multiply each token's terms;
+    "mean" then divides by their sum over counted tokens."""
     V = s.shape[-1]
-    s64, t64 = s.double().reshape(-1, V), t.double().reshape(-1, V)
+    s64 = s.double().reshape(-1, V)
     if softcap is not None:
         s64 = softcap * torch.tanh(s64 / softcap)
     y = y.reshape(-1).long()
     live = y != ignore_index
     ce = F.cross_entropy(s64, torch.where(live, y, 0), reduction="none", label_smoothing=label_smoothing)
-    k = divergence(s64, t64, kl, beta, temperature)
+    if ref_topk is not None:
+        ids, lps = (x.reshape(-1, x.shape[-1]) for x in ref_topk)
+        k = topk_divergence(s64, ids, lps, topk_mode, kl, beta, temperature)
+    else:
+        t64 = t.double().reshape(-1, t.shape[-1])
+        v = min(V, t64.shape[-1])
+        k = divergence(s64[:, :v], t64[:, :v], kl, beta, temperature)
     z = z_loss * torch.logsumexp(s64, -1) ** 2
     zero = torch.zeros((), dtype=torch.float64)
     ce, k, z = (torch.where(live, x, zero) for x in (ce, k, z))
+    w = None if token_weights is None else token_weights.double().reshape(-1)
+    if w is not None:
+        ce, k, z = ce * w, k * w, z * w
     loss = ce + hrm * k + z if hrm else ce + z
 
     def red(x):
@@ -42,5 +56,35 @@ def reference_loss(s, t, y, hrm=1.0, kl="forward", beta=0.5, temperature=1.0, ig
             return x.view(s.shape[:-1])
         if reduction == "sum":
             return x.sum()
-        return x.sum() / (live.sum().clamp(min=1) if num_items is None else num_items)
+        if num_items is not None:
+            return x.sum() / num_items
+        den = live.sum() if w is None else torch.where(live, w, 0.0).sum()
+        return x.sum() / den if den > 0 else x.sum() * 0
     return red(loss), red(ce), red(k), red(z)
+
+
+def topk_divergence(s, ids, logprobs, mode="renorm", kl="forward", beta=0.5, temperature=1.0):
+    """Per-row divergence to a sparse teacher (..., K) in float64, written from its definition.
+
+    renorm: the teacher p~ = softmax(logprobs / T) placed on its ids of a dense (..., V) distribution
+    (0 elsewhere), against q = softmax(s / T) over the whole vocabulary. tail: both coarsened to K + 1
+    outcomes (the ids, the rest), p_rest = max(0, 1 - sum exp(logprobs)), q_rest summed off the ids.
+    """
+    s, lps, ids = s.double(), logprobs.double(), ids.long()
+    lq = F.log_softmax(s / temperature, -1)
+    if mode == "renorm":
+        p = torch.zeros_like(lq).scatter(-1, ids, F.softmax(lps / temperature, -1))
+        q = lq.exp()
+    else:
+        off = torch.ones_like(lq, dtype=torch.bool).scatter(-1, ids, False)
+        q_rest = torch.where(off, lq.exp(), 0.0).sum(-1, keepdim=True)
+        p_rest = 0.0 if ids.shape[-1] == s.shape[-1] else (1 - lps.exp().sum(-1, keepdim=True)).clamp(min=0)
+        q = torch.cat((lq.gather(-1, ids).exp(), q_rest), -1)
+        p = torch.cat((lps.exp(), torch.zeros_like(q_rest) + p_rest), -1)
+    if kl == "forward":   # KL(p || q) = kl_div(input=log q, target=p)
+        return F.kl_div(q.log(), p, reduction="none").sum(-1)
+    if kl == "reverse":
+        return F.kl_div(p.log(), q, reduction="none").sum(-1)
+    m = beta * p + (1 - beta) * q
+    return (beta * F.kl_div(m.log(), p, reduction="none").sum(-1)
+            + (1 - beta) * F.kl_div(m.log(), q, reduction="none").sum(-1))

@@ -26,7 +26,8 @@ def test_every_benchmark_runs_at_tiny_size_and_reports(tmp_path):
     for kind, provider in [("loss", "naive"), ("loss", "compile"), ("loss", "hrmloss"),
                            ("loss", "hrmloss-eager"), ("linear", "naive-linear"), ("linear", "compile-linear"),
                            ("linear", "hrmloss-linear"), ("linear", "gemm-floor"),
-                           ("traffic", "hrmloss-triton")]:
+                           ("traffic", "hrmloss-triton"), ("topk", "dense"), ("topk", "topk-renorm"),
+                           ("topk", "topk-tail"), ("topk", "naive-topk")]:
         assert (kind, provider) in ran, (kind, provider, sorted(ran))
     for b in data["benchmarks"]:  # every measured loss matched the float64 reference (else it failed)
         e = b["extra_info"]

@@ -1,4 +1,5 @@
-"""`hrmloss demo --quick`: runs, writes every file, and its numbers show the trade-off hrm controls."""
+"""`hrmloss demo --quick` and `--grid --quick`: they run, write every file, their numbers show the trade-off
+hrm controls, and no fit they print or draw has a bound-hitting or negative parameter without its flag."""
 import json
 import subprocess
 import sys
@@ -7,9 +8,11 @@ import numpy as np
 import pytest
 
 from hrmloss.__main__ import main
-from hrmloss.demo import DemoConfig, eval_steps
+from hrmloss.analysis import EXPONENT_RANGE
+from hrmloss.demo import CUDA_DEMO, DemoConfig, GridConfig, eval_steps, split_tokens
 
-FILES = ("hrm_sweep.png", "position_loss.png", "test_loss.png", "pred_vs_real.png", "demo.json", "summary.txt")
+CHARTS = ("hrm_sweep", "position_loss", "test_loss", "pred_vs_real")
+FILES = ("demo.json", "report.json", "report.txt", "summary.txt")
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +26,12 @@ def test_quick_demo_writes_every_file(quick_run):
     out, _ = quick_run
     for name in FILES:
         assert (out / name).stat().st_size > 0, name
-    assert all((out / n).read_bytes().startswith(b"\x89PNG") for n in FILES[:4])
-    assert "CE (B)" in (out / "summary.txt").read_text()
+    for stem in CHARTS:
+        assert (out / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+        assert b"<svg" in (out / f"{stem}.svg").read_bytes()[:1000]
+    text = (out / "summary.txt").read_text()
+    assert "CE (B)" in text and "per-position test loss" in text
+    assert "fits too weak to read" in text or "every fit passed its checks" in text
 
 
 def test_quick_demo_shows_the_trade_off(quick_run):
@@ -51,18 +58,81 @@ def test_quick_demo_logs_every_number(quick_run):
         assert len(tr["step"]) == len(tr["loss"]) == len(tr["ce"]) == len(tr["kl"]) == cfg["steps"]
         np.testing.assert_allclose(tr["tokens"], np.array(tr["step"]) * cfg["batch"] * cfg["context"])
         assert np.isfinite(tr["loss"]).all()
-    assert set(res["fits"]["prediction"]) == {"reference", "hrm=0.001", "hrm=0.5", "hrm=10.0"}
 
 
-def test_demo_rejects_bad_options(tmp_path):
+def _unflagged_bad_parameters(fit):
+    """Names of the parameters of a power-law fit dict that are negative or on a bound but not flagged."""
+    lo, hi = EXPONENT_RANGE
+    bad = [k for k in ("a", "b") if fit[k] < 0 or fit[k] <= 1e-9 * max(1.0, abs(fit["a"]))]
+    bad += ["c"] if not lo + 1e-6 < fit["c"] < hi - 1e-6 else []
+    return [k for k in bad if fit["ok"] or not fit["flags"]]
+
+
+def test_no_fit_has_a_bad_parameter_without_its_flag(quick_run):
+    out, _ = quick_run
+    doc = json.loads((out / "report.json").read_text())
+    fits = [f for run in doc["position_fits"].values() for f in run.values()]
+    fits += [p["fit"] for p in doc["predictions"].values()]
+    assert set(doc["predictions"]) == {"reference", "hrm=0.001", "hrm=0.5", "hrm=10"}
+    assert len(fits) > 10
+    for f in fits:
+        assert not _unflagged_bad_parameters(f), f
+        assert f["ok"] == (not f["flags"])
+    # The summary prints a weak fit with its flags, never bare, and a good one without.
+    ok_of = {}
+    for f in fits:
+        ok_of.setdefault(f["formula"], set()).add(f["ok"])
+    printed = [line for line in (out / "summary.txt").read_text().splitlines() if ", R^2 " in line]
+    assert len(printed) == len(fits)
+    for line in printed:
+        formula = line.split(": ", 1)[1].split(", R^2")[0]
+        if ok_of[formula] == {False}:
+            assert "not ok: " in line, line
+        elif ok_of[formula] == {True}:
+            assert "not ok" not in line, line
+
+
+def test_quick_grid_fits_one_law_across_the_grid(tmp_path):
+    out = tmp_path / "grid"
+    assert main(["demo", "--grid", "--quick", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    grid = json.loads((out / "grid.json").read_text())["grid"]
+    assert len(grid) == 6 and len({r["N"] for r in grid}) == 3 and len({r["group"] for r in grid}) == 2
+    law = json.loads((out / "scaling_law.json").read_text())
+    p = law["params"]
+    assert p["E"] > 0 and p["A"] > 0 and p["B"] > 0
+    lo, hi = EXPONENT_RANGE
+    for k in ("alpha", "beta"):
+        assert lo < p[k] < hi or f"at_bound:{k}" in law["flags"]
+    assert law["ok"] == (not law["flags"]) and len(law["runs"]) == 6
+    assert (out / "grid.png").read_bytes().startswith(b"\x89PNG") and (out / "grid.svg").stat().st_size > 1000
+    text = (out / "summary.txt").read_text()
+    assert "L(N, D) =" in text and ("not ok" in text) == (not law["ok"])
+
+
+def test_configs_validate_and_the_cuda_sizes_are_sensible():
     with pytest.raises(ValueError):
         DemoConfig(steps=2).validate()
     with pytest.raises(ValueError):
         DemoConfig(d_model=30, n_head=4).validate()
-    with pytest.raises(SystemExit):
-        main(["demo", "--steps", "x"])
+    with pytest.raises(ValueError, match="hrm"):
+        DemoConfig(hrms=(-1.0,)).validate()
+    with pytest.raises(ValueError, match="widths"):
+        GridConfig(widths=(32, 32, 64)).validate()
+    cuda = DemoConfig(**CUDA_DEMO)
+    cuda.validate()
+    assert cuda.context >= 512 and cuda.d_model % cuda.n_head == 0
+    assert DemoConfig(device="cpu").for_device() == DemoConfig(device="cpu")
 
 
-def test_python_dash_m_hrmloss_has_the_demo_command():
-    out = subprocess.run([sys.executable, "-m", "hrmloss", "demo", "--help"], capture_output=True, text=True, check=True)
-    assert "--quick" in out.stdout and "--hrm" in out.stdout
+def test_test_windows_start_at_random_offsets():
+    data = bytes(range(256)) * 64
+    train, test = split_tokens(data, 16, 32)
+    assert test.shape == (32, 17) and train.numel() + 16384 // 10 == 16384
+    starts = test[:, 0].tolist()
+    assert len(set(starts)) > 16  # not one tiling of the held-out tail
+    np.testing.assert_array_equal(np.diff(test.numpy(), axis=1) % 256, 1)  # windows are contiguous text
+
+
+def test_python_dash_m_hrmloss_has_the_commands():
+    out = subprocess.run([sys.executable, "-m", "hrmloss", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "report" in out.stdout and "fit-grid" in out.stdout

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hrmloss import HRMLoss, hrm_loss
-from hrmloss._layout import PARTIAL
+from hrmloss._layout import PARTIAL, PARTIAL_MERGE
 from tests._spawn import run_group
 from tests.reference import reference_loss
 
@@ -61,6 +61,15 @@ CASES = {
     "triton_smoothing_softcap_ref_grad": dict(opts=dict(kl="reverse", label_smoothing=0.1, softcap=2.0,
                                                         z_loss=1e-2, backend="triton"), ref_grad=True),
     "tp_subgroups_of_2": dict(opts=dict(kl="reverse", temperature=1.5), tp=2, worlds=(4,)),
+    # a sparse teacher: top-K global ids of softmax(t), each rank handling the ids of its shard
+    "topk_renorm_T2": dict(opts=dict(kl="forward", temperature=2.0, topk_mode="renorm"), topk=5),
+    "topk_tail_reverse_none": dict(opts=dict(kl="reverse", topk_mode="tail", reduction="none"), topk=7),
+    "triton_topk_tail_jsd_softcap": dict(opts=dict(kl="jsd", topk_mode="tail", softcap=3.0, backend="triton"),
+                                         topk=4),
+    # a reference of V - 3 classes (its last shard narrower), and per-token weights
+    "truncate_jsd_weights": dict(opts=dict(kl="jsd", temperature=2.0, ref_vocab="truncate"), ref_cut=3,
+                                 weights=True),
+    "triton_truncate_forward": dict(opts=dict(kl="forward", ref_vocab="truncate", backend="triton"), ref_cut=3),
 }
 ERRORS = {  # what every rank must raise: ValueError whose message holds this text
     "v_local": "V_local",
@@ -121,6 +130,14 @@ def _make_job(name, case, world):
     if case.get("shift"):  # causal LM: logits[:, :-1] scored against the next tokens
         y = y.view(2, n // 2)
     _apply_mask(case, s, t, world, v_local)
+    opts = dict(case["opts"])
+    if case.get("topk"):
+        lps, ids = torch.log_softmax(t.float(), -1).topk(case["topk"], -1)
+        opts["ref_topk"] = (ids, lps)
+    if case.get("ref_cut"):
+        t = t[..., :V - case["ref_cut"]].contiguous()
+    if case.get("weights"):
+        opts["token_weights"] = torch.rand(y.shape, generator=gen) * 2
     tp = case.get("tp", world)
     bounds = [((r % tp) * v_local, (r % tp + 1) * v_local) for r in range(world)]
     labels = [y] * world
@@ -138,7 +155,7 @@ def _make_job(name, case, world):
         s, t = s[..., :tp * v_local].contiguous(), t[..., :tp * v_local].contiguous()
         labels = [torch.where(x == IGNORE, x, x % (tp * v_local)) for x in labels]
     gout = torch.rand(y.shape, generator=gen) + 0.5 if case["opts"].get("reduction") == "none" else None
-    return dict(kind="loss", opts=case["opts"], s=s, t=t, labels=labels, bounds=bounds,
+    return dict(kind="loss", opts=opts, s=s, t=t, labels=labels, bounds=bounds,
                 shift=bool(case.get("shift")), module=bool(case.get("module")), tp=tp, gout=gout,
                 pad=PAD if case.get("mask") == "pad" else 0, ref_grad=bool(case.get("ref_grad")))
 
@@ -195,6 +212,8 @@ def _loss_job(rank, world, job, group):
     local = job["s"][..., lo:hi].clone().requires_grad_()
     ref_local = job["t"][..., lo:hi].clone().requires_grad_(job["ref_grad"])
     x, ref = (local[:, :-1], ref_local[:, :-1]) if job["shift"] else (local, ref_local)
+    if "ref_topk" in job["opts"]:
+        ref = None
     try:
         with _CollectiveLog() as fwd:
             if job["module"]:
@@ -266,6 +285,8 @@ def _single_process(job):
     s = job["s"].clone().requires_grad_()
     t = job["t"].clone().requires_grad_(job["ref_grad"])
     x, ref = (s[:, :-1], t[:, :-1]) if job["shift"] else (s, t)
+    if "ref_topk" in job["opts"]:
+        ref = None
     out = hrm_loss(x, ref, job["labels"][0], **job["opts"], return_components=True)
     out.loss.backward(job["gout"])
     return out, s.grad, t.grad
@@ -277,6 +298,8 @@ def _reference(job):
     s = job["s"][..., :keep].double().requires_grad_()
     t = job["t"][..., :keep].double().requires_grad_(job["ref_grad"])
     x, ref = (s[:, :-1], t[:, :-1]) if job["shift"] else (s, t)
+    if "ref_topk" in job["opts"]:
+        ref = None
     ref_opts = {k: v for k, v in job["opts"].items() if k != "backend"}
     out = reference_loss(x, ref, job["labels"][0], ignore_index=IGNORE, **ref_opts)
     out[0].backward(None if job["gout"] is None else job["gout"].double())
@@ -366,8 +389,11 @@ def test_infinite_divergence_survives_an_underflowed_shard(group_run):
 def test_collectives_are_few_small_all_reduces_and_none_in_backward(group_run, name):
     world, job, results = _case(group_run, name)
     n = job["labels"][0].numel()
-    expected = [("all_reduce", 6), ("all_reduce", 3 * n), ("all_reduce", len(PARTIAL) * n)]
-    if job["opts"]["kl"] == "jsd":
+    n_lse = sum(1 for rule in PARTIAL_MERGE.values() if rule == "lse")
+    expected = [("all_reduce", 6), ("all_reduce", n_lse * n), ("all_reduce", len(PARTIAL) * n)]
+    if "ref_topk" in job["opts"]:  # every id's student logit, from the shard that owns it
+        expected.append(("all_reduce", job["opts"]["ref_topk"][0].shape[-1] * n))
+    elif job["opts"]["kl"] == "jsd":
         expected.append(("all_reduce", 2 * n))
     for r, res in enumerate(results):
         assert res[name]["fwd"] == expected, f"rank {r}"

@@ -51,7 +51,7 @@ def test_compiled_grad_to_the_reference_matches_eager(small_chunks):
     s, t, flat = s[:, :-1], t[:, :-1], y.reshape(-1)
     opts = LossOptions(hrm=0.7, kl="reverse", backend="torch")
     params, st = opts.params(s.device, torch.float32), opts.structure()
-    final = forward_rows(s, t, flat, params, st, "torch")[-1]
+    final = forward_rows(s, t, flat, params, st, "torch")[4]
     s3, t3 = rows_3d(s, t)
     g = torch.linspace(0.5, 1.5, flat.numel())
     got = _torch_compiled.grad(s3, t3, flat, final, g, params, st, 0, 96, ref_grad=True)
@@ -101,3 +101,20 @@ def test_hrmloss_compile_0_never_compiles(small_chunks, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hrmloss.hrm_loss(s[:, :-1], t[:, :-1], y, backend="torch")
+
+
+@pytest.mark.parametrize("mode,kl", [("renorm", "jsd"), ("tail", "forward")])
+def test_compiled_path_sparse_teacher_and_truncate(small_chunks, mode, kl):
+    # the no-reference stats (with the rest mass) and the cut reference through the compiled chunks
+    s, t, y = _inputs()
+    lps, ids = torch.log_softmax(t[:, :-1], -1).topk(7, -1)
+    for ref, kw in ((None, dict(ref_topk=(ids, lps), topk_mode=mode)), (t[:, :-1, :80], dict(ref_vocab="truncate"))):
+        x = s.clone().requires_grad_()
+        loss = hrmloss.hrm_loss(x[:, :-1], ref, y, 0.7, kl=kl, **kw)
+        loss.backward()
+        x_ref = s.detach().double().requires_grad_()
+        ref64 = reference_loss(x_ref[:, :-1], None if ref is None else ref.double(), y, 0.7, kl=kl, **kw)[0]
+        ref64.backward()
+        assert not _torch_compiled._state["failed"] and _torch_compiled._state["fns"], "compiled path not taken"
+        torch.testing.assert_close(loss.double(), ref64, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
