@@ -3,7 +3,9 @@
 Rank r holds rows [r V_l, (r+1) V_l) of the output weight (Megatron's column-parallel lm_head), of the
 bias and of the reference's weight (or those columns of ref_logits); hidden states and labels are the
 same on every rank. Each rank must get the loss of the whole vocabulary, the gradient of its own weight
-rows and the full gradient of hidden (summed over the group inside the loss).
+rows and the full gradient of hidden (summed over the group inside the loss). A sparse teacher's ids and
+the token weights are the same on every rank too; with ref_vocab="truncate" and a smaller reference, rank r
+holds the reference's rows (columns) of the ids of its shard that the reference has.
 """
 import pytest
 import torch
@@ -13,13 +15,22 @@ from tests._spawn import run_group
 
 N_ROWS, H, H_REF, V_LOCAL = 12, 8, 6, 5
 
-CASES = {  # options for linear_hrm_loss; "ref": "logits" or "hidden"; "bias"; "dtype"
+# options for linear_hrm_loss; "ref": "logits", "hidden" or "topk" (K global ids, K may exceed V_l); "bias";
+# "dtype"; "ref_cut": the reference has V - ref_cut classes; "weights": token weights
+CASES = {
     "forward_mean_ref_logits": dict(opts=dict(kl="forward", hrm=0.7), ref="logits", bias=True),
     "jsd_sum_ref_hidden_T2": dict(opts=dict(kl="jsd", beta=0.3, reduction="sum", temperature=2.0,
                                             label_smoothing=0.1, z_loss=1e-2), ref="hidden", bias=True),
     "reverse_none_ref_hidden": dict(opts=dict(kl="reverse", reduction="none", temperature=0.5), ref="hidden"),
     "bf16_forward_mean_module": dict(opts=dict(kl="forward", hrm=0.5), ref="hidden", dtype=torch.bfloat16,
                                      module=True),
+    "topk_renorm_weights_mean": dict(opts=dict(kl="forward", hrm=0.8, temperature=2.0), ref="topk", topk=4,
+                                     weights=True, bias=True),
+    "topk_tail_jsd_none": dict(opts=dict(kl="jsd", topk_mode="tail", reduction="none"), ref="topk", topk=7),
+    "truncate_logits_weights_sum": dict(opts=dict(kl="jsd", reduction="sum", ref_vocab="truncate"), ref="logits",
+                                        ref_cut=3, weights=True),
+    "truncate_hidden_none": dict(opts=dict(kl="forward", reduction="none", ref_vocab="truncate"), ref="hidden",
+                                 ref_cut=3, bias=True),
 }
 
 
@@ -34,7 +45,13 @@ def _make_job(name, case, world):
                hidden=rand(2, N_ROWS // 2, H), weight=rand(V, H, scale=H ** -0.5 * 2),
                bias=rand(V) if case.get("bias") else None, ref_logits=rand(2, N_ROWS // 2, V, scale=2.0),
                ref_hidden=rand(2, N_ROWS // 2, H_REF), ref_weight=rand(V, H_REF, scale=H_REF ** -0.5 * 2),
-               gout=torch.rand(y.shape, generator=g) + 0.5 if case["opts"].get("reduction") == "none" else None)
+               gout=torch.rand(y.shape, generator=g) + 0.5 if case["opts"].get("reduction") == "none" else None,
+               v_ref=V - case.get("ref_cut", 0), opts_tensors={})
+    if case.get("topk"):  # a teacher's top-k of its log-softmax, global ids
+        lps, ids = torch.log_softmax(job["ref_logits"].float() * 2, -1).topk(case["topk"], -1)
+        job["opts_tensors"]["ref_topk"] = (ids, lps)
+    if case.get("weights"):
+        job["opts_tensors"]["token_weights"] = torch.rand(y.shape, generator=g) * 2
     return job
 
 
@@ -44,14 +61,18 @@ def _loss(job, group=None, rank=0, world=1):
     hidden = job["hidden"].clone().requires_grad_()
     weight = job["weight"][rows].clone().requires_grad_()
     bias = None if job["bias"] is None else job["bias"][rows].clone().requires_grad_()
-    ref = dict(ref_logits=job["ref_logits"][..., rows]) if job["ref"] == "logits" else \
-        dict(ref_hidden=job["ref_hidden"], ref_weight=job["ref_weight"][rows])
+    v_ref = job["v_ref"]  # the reference's rows of this shard's ids: all, fewer on the last ranks when cut
+    ref_rows = slice(rows.start, min(rows.stop, v_ref)) if group is not None else slice(0, v_ref)
+    ref = {"logits": dict(ref_logits=job["ref_logits"][..., ref_rows]),
+           "hidden": dict(ref_hidden=job["ref_hidden"], ref_weight=job["ref_weight"][ref_rows]),
+           "topk": {}}[job["ref"]]
     if job["module"]:
         out = hrmloss.LinearHRMLoss(**job["opts"], chunk_size=5, return_components=True, process_group=group)(
-            hidden, weight, job["labels"], bias=bias, **ref)
+            hidden, weight, job["labels"], bias=bias, **ref, **job["opts_tensors"])
     else:
         out = hrmloss.linear_hrm_loss(hidden, weight, job["labels"], bias=bias, **ref, chunk_size=5,
-                                      return_components=True, process_group=group, **job["opts"])
+                                      return_components=True, process_group=group, **job["opts"],
+                                      **job["opts_tensors"])
     out.loss.backward(job["gout"])
     return (tuple(x.detach() for x in out), hidden.grad, weight.grad, None if bias is None else bias.grad)
 

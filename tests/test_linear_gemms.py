@@ -52,10 +52,19 @@ def _case(N=96, H=32, V=160, H_ref=24, dtype=torch.bfloat16, seed=0, bias=False,
                 ref_hidden=rand(N, H_ref), ref_weight=rand(V, H_ref, scale=H_ref ** -0.5 * logit_std))
 
 
+def _topk(case, K=4, seed=1):
+    """A sparse teacher for the case's labels: the top-K ids and log-probs of random teacher logits."""
+    N, V = case["labels"].shape[0], case["weight"].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    lps, ids = torch.log_softmax(torch.randn(N, V, generator=g) * 2, -1).topk(K, -1)
+    return ids, lps
+
+
 def _run(case, backward=True, **opts):
+    """The loss of the case (reference from hidden states, unless opts hold a sparse teacher, ref_topk)."""
+    refs = {} if "ref_topk" in opts else dict(ref_hidden=case["ref_hidden"], ref_weight=case["ref_weight"])
     out = hrmloss.linear_hrm_loss(case["hidden"], case["weight"], case["labels"], 0.5, bias=case["bias"],
-                                  ref_hidden=case["ref_hidden"], ref_weight=case["ref_weight"],
-                                  backend="torch", **opts)
+                                  backend="torch", **refs, **opts)
     if backward:
         out.sum().backward()
     return out
@@ -75,6 +84,33 @@ def test_gemms_run_in_bf16_with_the_expected_flops(reduction, student, reference
     assert sum(f for _, _, f in log.gemms) == student * 2 * N * H * V + reference * 2 * N * H_ref * V
     assert log.upcasts == [], log.upcasts  # no fp32 copy of hidden, weight, ds or the logits outside the passes
     assert case["weight"].grad.dtype == torch.bfloat16 and case["hidden"].grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("reduction,student", [("mean", 3), ("none", 4)])
+def test_sparse_teacher_runs_the_student_gemms_only(reduction, student):
+    # no reference GEMM; the teacher's (N, K) values and the student's logits at its ids are the only extra
+    # work (the (c, K) gathers are upcast, nothing of the size of a chunk of logits, hidden or weight)
+    case = _case(bias=True)
+    N, H, V, K = 96, 32, 160, 4
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(2))
+    with GemmLog(big=N * K) as log:
+        _run(case, reduction=reduction, chunk_size=40, ref_topk=_topk(case, K), topk_mode="tail", kl="jsd",
+             token_weights=weights)
+    assert {dtypes for _, dtypes, _ in log.gemms} == {(torch.bfloat16, torch.bfloat16)}, log.gemms
+    assert sum(f for _, _, f in log.gemms) == student * 2 * N * H * V
+    assert log.upcasts == [], log.upcasts
+
+
+def test_truncated_reference_multiplies_only_the_students_vocabulary():
+    # ref_vocab="truncate" with a reference of V + 17 classes: its GEMM uses its first V rows only
+    case = _case()
+    N, H, V, H_ref = 96, 32, 160, 24
+    case["ref_weight"] = torch.cat((case["ref_weight"], torch.randn(17, H_ref).bfloat16()))
+    with GemmLog(big=N) as log:
+        _run(case, chunk_size=40, ref_vocab="truncate")
+    assert {dtypes for _, dtypes, _ in log.gemms} == {(torch.bfloat16, torch.bfloat16)}, log.gemms
+    assert sum(f for _, _, f in log.gemms) == 3 * 2 * N * H * V + 2 * N * H_ref * V
+    assert log.upcasts == [], log.upcasts
 
 
 def test_fp32_inputs_accumulate_with_in_place_gemms():
@@ -151,24 +187,26 @@ def test_chunk_bytes_sets_the_chunk_and_chunk_size_wins():
     assert len(log.gemms) == 2
 
 
-@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.bfloat16, torch.float32),
-                                                       (torch.float32, torch.bfloat16)])
-def test_autocast_mixed_dtypes_compute_in_autocast_dtype(hidden_dtype, weight_dtype):
+@pytest.mark.parametrize("hidden_dtype,weight_dtype,teacher", [(torch.bfloat16, torch.float32, "hidden"),
+                                                               (torch.float32, torch.bfloat16, "hidden"),
+                                                               (torch.float32, torch.bfloat16, "topk")])
+def test_autocast_mixed_dtypes_compute_in_autocast_dtype(hidden_dtype, weight_dtype, teacher):
     base = _case(dtype=torch.float32, seed=5, bias=True)
     case = dict(base, hidden=base["hidden"].detach().to(hidden_dtype).requires_grad_(),
                 weight=base["weight"].detach().to(weight_dtype).requires_grad_(),
                 bias=base["bias"].detach().to(weight_dtype).requires_grad_())
+    sparse = dict(ref_topk=_topk(base), token_weights=torch.rand(96)) if teacher == "topk" else {}
     with pytest.raises(TypeError, match="autocast"):
-        _run(case)
-    with torch.autocast("cpu", dtype=torch.bfloat16), GemmLog(big=96) as log:
-        loss = _run(case, chunk_size=40)
+        _run(case, **sparse)
+    with torch.autocast("cpu", dtype=torch.bfloat16), GemmLog(big=96 * 4) as log:
+        loss = _run(case, chunk_size=40, **sparse)
     assert {dtypes for _, dtypes, _ in log.gemms} == {(torch.bfloat16, torch.bfloat16)}
     assert (case["hidden"].grad.dtype, case["weight"].grad.dtype, case["bias"].grad.dtype) == \
         (hidden_dtype, weight_dtype, weight_dtype)
     # the same GEMMs on tensors cast to bf16 by hand give the same loss and gradients
     cast = dict(base, **{k: base[k].detach().bfloat16().requires_grad_() for k in ("hidden", "weight", "bias")},
                 ref_hidden=base["ref_hidden"].bfloat16(), ref_weight=base["ref_weight"].bfloat16())
-    want = _run(cast, chunk_size=40)
+    want = _run(cast, chunk_size=40, **sparse)
     torch.testing.assert_close(loss, want)
     for k in ("hidden", "weight", "bias"):
         torch.testing.assert_close(case[k].grad.float(), cast[k].grad.float(), rtol=1e-2, atol=1e-4)
@@ -180,15 +218,19 @@ class _Model(torch.nn.Module):
         self.embed = torch.nn.Embedding(V, H)
         self.head = torch.nn.Linear(H, V)
 
-    def forward(self, x, ref, y, hrm, temperature, reduction):
+    def forward(self, x, ref, y, hrm, temperature, reduction, weights=None):
         h = torch.tanh(self.embed(x))
-        loss = hrmloss.linear_hrm_loss(h, self.head.weight, y, hrm, bias=self.head.bias, ref_logits=ref,
-                                       temperature=temperature, reduction=reduction, chunk_size=5)
+        teacher = dict(ref_topk=ref) if isinstance(ref, tuple) else dict(ref_logits=ref)
+        loss = hrmloss.linear_hrm_loss(h, self.head.weight, y, hrm, bias=self.head.bias, **teacher,
+                                       token_weights=weights, temperature=temperature, reduction=reduction,
+                                       chunk_size=5)
         return loss.sum()
 
 
-@pytest.mark.parametrize("reduction,as_tensor", [("mean", True), ("none", True), ("mean", False)])
-def test_compiled_model_ending_in_the_loss_matches_eager_without_recompiles(reduction, as_tensor):
+@pytest.mark.parametrize("reduction,as_tensor,teacher", [("mean", True, "logits"), ("none", True, "logits"),
+                                                         ("mean", False, "logits"), ("mean", True, "topk"),
+                                                         ("none", True, "topk")])
+def test_compiled_model_ending_in_the_loss_matches_eager_without_recompiles(reduction, as_tensor, teacher):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -196,6 +238,10 @@ def test_compiled_model_ending_in_the_loss_matches_eager_without_recompiles(redu
     model = _Model()
     x, ref, y = torch.randint(0, 40, (2, 7)), torch.randn(2, 7, 40), torch.randint(0, 40, (2, 7))
     y[0, :2] = -100
+    weights = None
+    if teacher == "topk":  # a sparse teacher (renorm, forward KL) and token weights
+        lps, ids = torch.log_softmax(ref * 2, -1).topk(4, -1)
+        ref, weights = (ids, lps), torch.rand(2, 7)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for hrm, temperature in ((0.5, 1.5), (0.7, 2.0), (2.0, 0.7)):
         if as_tensor:
@@ -203,7 +249,7 @@ def test_compiled_model_ending_in_the_loss_matches_eager_without_recompiles(redu
         results = []
         for fn in (compiled, model):
             model.zero_grad()
-            loss = fn(x, ref, y, hrm, temperature, reduction)
+            loss = fn(x, ref, y, hrm, temperature, reduction, weights)
             loss.backward()
             results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
         for a, b in zip(*results):
