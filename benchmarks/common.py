@@ -83,23 +83,23 @@ def linear_inputs(n, v, h, dtype, device):
     return make(n, h), make(v, h, scale=h ** -0.5), make(n, h), make(v, h, scale=h ** -0.5), labels(n, v, device)
 
 
-def reference_loss(s, t, y, rows=256):
-    """The benchmarked loss in float64, in chunks of rows (no float64 copy of the whole logits)."""
+def reference_loss(s, t, y, rows=256, hrm=HRM):
+    """The benchmarked loss in float64, in chunks of rows (no float64 copy of the whole logits); hrm = 0: CE."""
     total = torch.zeros((), dtype=torch.float64, device=s.device)
     for i in range(0, s.shape[0], rows):
         sc, tc, yc = s[i:i + rows].double(), t[i:i + rows].double(), y[i:i + rows]
         kl = F.kl_div(F.log_softmax(sc, -1), F.log_softmax(tc, -1), log_target=True, reduction="none")
         total += F.cross_entropy(sc, yc, ignore_index=IGNORE, reduction="sum")
-        total += HRM * torch.where(yc != IGNORE, kl.sum(-1), 0.0).sum()
+        total += hrm * torch.where(yc != IGNORE, kl.sum(-1), 0.0).sum()
     return (total / (y != IGNORE).sum().clamp(min=1)).item()
 
 
-def reference_linear_loss(h, w, ht, wt, y, rows=256):
+def reference_linear_loss(h, w, ht, wt, y, rows=256, hrm=HRM):
     """reference_loss of the logits h @ w.T, ht @ wt.T, formed chunk by chunk in float64."""
     total, n = 0.0, int((y != IGNORE).sum().clamp(min=1))
     for i in range(0, h.shape[0], rows):
         sc, tc = h[i:i + rows].double() @ w.double().T, ht[i:i + rows].double() @ wt.double().T
-        total += reference_loss(sc, tc, y[i:i + rows]) * max(int((y[i:i + rows] != IGNORE).sum()), 1)
+        total += reference_loss(sc, tc, y[i:i + rows], hrm=hrm) * max(int((y[i:i + rows] != IGNORE).sum()), 1)
     return total / n
 
 

@@ -16,7 +16,12 @@ HRM = 0.5
 IGNORE = -100
 
 LOSS_PROVIDERS = ("naive", "compile", "hrmloss", "hrmloss-eager", "liger")
-LINEAR_PROVIDERS = ("naive-linear", "compile-linear", "hrmloss-linear", "liger-chunked")
+LINEAR_PROVIDERS = ("naive-linear", "compile-linear", "hrmloss-linear", "liger-chunked", "liger-flce-CE-only",
+                    "cce-CE-only", "gemm-floor")
+# linear providers that compute CE alone (hrm = 0: their values are checked against the CE reference), and
+# the one that computes no loss at all (the four GEMMs of the fused loss, nothing else: a time floor)
+CE_ONLY = ("liger-flce-CE-only", "cce-CE-only")
+NO_LOSS = ("gemm-floor",)
 
 
 class Unavailable(Exception):
@@ -108,6 +113,49 @@ def loss_provider(name, device):
     raise ValueError(f"provider={name!r}: expected one of {LOSS_PROVIDERS}")
 
 
+class _GemmFloor(torch.autograd.Function):
+    """The GEMMs of a fused linear loss and nothing else: forward s = h @ w.T and t = ht @ wt.T, backward
+    grad h = ds @ w and grad w = ds.T @ h with ds = s (4 x 2 N H V FLOPs in the input dtype). Returns 0."""
+
+    @staticmethod
+    def forward(ctx, h, w, ht, wt):
+        s = h @ w.T
+        ht @ wt.T
+        ctx.save_for_backward(h, w, s)
+        return s.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, _):
+        h, w, ds = ctx.saved_tensors
+        return ds @ w, ds.T @ h, None, None
+
+
+def _ce_only(factory, device):
+    """fn(h, w, ht, wt, y) of a fused linear cross-entropy (Triton: CUDA, or the interpreter at tiny size)."""
+    if not _liger_triton_usable(device):
+        raise Unavailable("a Triton kernel: CUDA only (the interpreter at the tiny size)")
+    return factory()
+
+
+def _liger_flce():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise Unavailable(f"liger-kernel not installed ({e})") from e
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from .tools import interp_fixes  # noqa: F401
+    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+    return lambda h, w, ht, wt, y: fn(w, h, y)
+
+
+def _cce():
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as e:
+        raise Unavailable(f"cut-cross-entropy not installed ({e})") from e
+    return lambda h, w, ht, wt, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE)
+
+
 def linear_provider(name, device, chunk_size=1024):
     """fn(h (N, H), w (V, H), ht (N, H), wt (V, H), y (N,)) -> loss for one of LINEAR_PROVIDERS."""
     if name == "naive-linear":
@@ -131,4 +179,12 @@ def linear_provider(name, device, chunk_size=1024):
                                      chunk_size=chunk_size)
         torch._dynamo.reset()
         return lambda h, w, ht, wt, y: fn(h, w, ht, wt, y)
+    if name == "liger-flce-CE-only":
+        return _ce_only(_liger_flce, device)
+    if name == "cce-CE-only":
+        if device.type != "cuda":
+            raise Unavailable("Cut Cross-Entropy's kernels are CUDA only")
+        return _cce()
+    if name == "gemm-floor":
+        return lambda h, w, ht, wt, y: _GemmFloor.apply(h, w, ht, wt)
     raise ValueError(f"provider={name!r}: expected one of {LINEAR_PROVIDERS}")

@@ -168,8 +168,9 @@ def _same_device(anchor_name, anchor, others):
             raise ValueError(f"{name}.device={x.device}: expected the device of {anchor_name}, {anchor.device}")
 
 
-def _check_projection(prefix, hidden, weight, bias, vocab=None):
-    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype; V = vocab when given."""
+def _check_projection(prefix, hidden, weight, bias, mixed=False):
+    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype.
+    mixed (inside torch.autocast): the three may have different float dtypes."""
     check_tensor(f"{prefix}hidden", hidden, FLOAT_DTYPES)
     check_tensor(f"{prefix}weight", weight, FLOAT_DTYPES)
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
@@ -178,22 +179,20 @@ def _check_projection(prefix, hidden, weight, bias, vocab=None):
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
         raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected (V, H) with V >= 1 and "
                          f"H = {prefix}hidden.shape[-1] = {H}")
-    if vocab is not None and weight.shape[0] != vocab:
-        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected V = weight.shape[0] = {vocab} "
-                         "rows (the student's vocabulary)")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not mixed:
         raise TypeError(f"{prefix}weight.dtype={weight.dtype}: expected the dtype of {prefix}hidden, "
-                        f"{hidden.dtype}")
+                        f"{hidden.dtype} (different dtypes are accepted inside torch.autocast only)")
     if bias is not None:
-        check_tensor(f"{prefix}bias", bias, (weight.dtype,), f"the dtype of {prefix}weight, {weight.dtype}")
+        check_tensor(f"{prefix}bias", bias, FLOAT_DTYPES if mixed else (weight.dtype,),
+                     _FLOATS if mixed else f"the dtype of {prefix}weight, {weight.dtype}")
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"{prefix}bias.shape={tuple(bias.shape)}: expected ({weight.shape[0]},)")
 
 
 def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, ref_vocab="error",
-                 topk=False):
-    """Types, shapes, dtypes and devices of a linear_hrm_loss call."""
-    _check_projection("", hidden, weight, bias)
+                 topk=False, mixed=False):
+    """Types, shapes, dtypes and devices of a linear_hrm_loss call; mixed: inside torch.autocast."""
+    _check_projection("", hidden, weight, bias, mixed=mixed)
     check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
     lead, V = tuple(hidden.shape[:-1]), weight.shape[0]
     if tuple(labels.shape) != lead:
@@ -218,7 +217,7 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
             raise ValueError("no reference: expected ref_logits, or both ref_hidden and ref_weight "
                              f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
-        _check_projection("ref_", ref_hidden, ref_weight, ref_bias)
+        _check_projection("ref_", ref_hidden, ref_weight, ref_bias, mixed=mixed)
         check_ref_vocab("ref_weight", ref_weight.shape, ref_weight.shape[0], V, ref_vocab)
         if tuple(ref_hidden.shape[:-1]) != lead:
             raise ValueError(f"ref_hidden.shape={tuple(ref_hidden.shape)}: expected hidden.shape[:-1] + "

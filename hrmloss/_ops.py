@@ -18,8 +18,8 @@ from ._layout import JSD, PARTIAL
 from ._options import Structure, check_params
 
 
-def _no_autocast(x):
-    # the passes choose their own precision (fp32); autocast must not lower it
+def no_autocast(x):
+    """A context with autocast off for x's device: the passes (and linear.py's GEMMs) choose their own dtypes."""
     return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") \
         else contextlib.nullcontext()
 
@@ -80,7 +80,7 @@ def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, params: Tensor
         check_topk(topk_ids, topk_logprobs, vocab_size)
     if token_weights is not None:
         check_weights(token_weights)
-    with _no_autocast(logits):
+    with no_autocast(logits):
         s, t = rows_3d(logits, ref_logits)
         return _backends.get(backend).row_stats(s, t, labels, params, st, vocab_start, topk_ids)
 
@@ -96,7 +96,7 @@ def jsd_sums(logits: Tensor, ref_logits: Tensor, labels: Tensor, lse_uw: Tensor,
              structure: list[int], backend: str) -> Tensor:
     """(N, JSD) partial sums KL(p||m), KL(q||m) of this shard, given the final lse_u, lse_w."""
     st = Structure._make(structure)
-    with _no_autocast(logits):
+    with no_autocast(logits):
         return _backends.get(backend).jsd_sums(*rows_3d(logits, ref_logits), labels, lse_uw, params, st)
 
 
@@ -112,7 +112,7 @@ def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: T
     """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad.
     Without a dense reference, only the dense part of a sparse teacher's gradient (hrmloss/_topk.py)."""
     st = Structure._make(structure)._replace(inplace=False)
-    with _no_autocast(logits):
+    with no_autocast(logits):
         ds, dt = _backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,
                                              vocab_start, vocab_size, ref_grad, topk_ids)
     dt = dt.view(ref_logits.shape) if ref_grad else ref_logits.new_empty(0)
@@ -137,7 +137,7 @@ def grad_inplace(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tens
     functionalised (the compiled graph may write a copy)."""
     st = Structure._make(structure)._replace(inplace=True)
     s, t = rows_3d(logits, ref_logits)
-    with _no_autocast(logits):
+    with no_autocast(logits):
         ds, dt = _backends.get(backend).grad(s, t, labels, final, g, params, st, vocab_start, vocab_size,
                                              ref_grad, topk_ids)
     if ds.data_ptr() != logits.data_ptr():  # rows_3d had to copy (a last dim that is not contiguous)

@@ -50,10 +50,18 @@ def compile_enabled():
             and not _state["failed"])
 
 
+def compiled_rows(vocab):
+    """Rows of one compiled call: COMPILED_CHUNK_ELEMS // vocab, at least 1."""
+    return max(1, COMPILED_CHUNK_ELEMS // max(vocab, 1))
+
+
 def _use_compiled(s):
-    # not under an outer torch.compile (it fuses the eager chunk itself), nor under a Python dispatch
-    # mode (a memory tracker, FLOP counter, ...), which Inductor cannot compile through
-    return (compile_enabled() and s.device.type == "cpu" and s.numel() >= COMPILE_MIN_ELEMS
+    # at least COMPILE_MIN_ELEMS logits, or one full compiled call (whose rows x V fall short of it by less
+    # than a row); not under an outer torch.compile (it fuses the eager chunk itself), nor under a Python
+    # dispatch mode (a memory tracker, FLOP counter, ...), which Inductor cannot compile through
+    V = s.shape[-1]
+    return (compile_enabled() and s.device.type == "cpu"
+            and s.numel() >= min(COMPILE_MIN_ELEMS, compiled_rows(V) * V)
             and not torch.compiler.is_compiling() and not _python_dispatch_mode_active())
 
 
@@ -88,7 +96,7 @@ def _uniform_chunks(s):
     """(r0, r1, index, fresh) of equal-size row chunks of s (B, T, V), index selecting s[b:b+1, i:i+rows];
     rows fresh: of the chunk are not in an earlier chunk (all but those it overlaps, for the last)."""
     B, T_rows, V = s.shape
-    step = min(T_rows, max(1, COMPILED_CHUNK_ELEMS // max(V, 1)))
+    step = min(T_rows, compiled_rows(V))
     for b in range(B):
         for i0 in range(0, T_rows, step):
             i = min(i0, T_rows - step)  # the last chunk overlaps its predecessor instead of being shorter

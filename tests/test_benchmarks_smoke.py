@@ -25,6 +25,7 @@ def test_every_benchmark_runs_at_tiny_size_and_reports(tmp_path):
     ran = {(b["extra_info"]["kind"], b["extra_info"]["provider"]) for b in data["benchmarks"]}
     for kind, provider in [("loss", "naive"), ("loss", "compile"), ("loss", "hrmloss"),
                            ("loss", "hrmloss-eager"), ("linear", "naive-linear"), ("linear", "compile-linear"),
+                           ("linear", "hrmloss-linear"), ("linear", "gemm-floor"),
                            ("traffic", "hrmloss-triton"), ("topk", "dense"), ("topk", "topk-renorm"),
                            ("topk", "topk-tail"), ("topk", "naive-topk")]:
         assert (kind, provider) in ran, (kind, provider, sorted(ran))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hrmloss
-from hrmloss.linear import auto_chunk_rows
+from hrmloss.linear import chunk_bounds, chunk_rows
 
 from .memtrack import StorageTracker, peak_bytes
 from .reference import reference_loss
@@ -296,11 +296,24 @@ def test_bad_arguments_raise_before_compute():
         call(h, w, y, ref_logits=t.to("meta"))
 
 
-def test_auto_chunk_rows_bounds_the_chunk():
-    assert auto_chunk_rows(10, 32000, "cpu") == 10                     # at most N
-    assert auto_chunk_rows(10**6, 32000, "cpu") == 262                 # 32 MiB of fp32 logits
-    assert auto_chunk_rows(10**6, 10**9, "cpu") == 1                   # at least one row
-    assert auto_chunk_rows(10**6, 128000, "cuda") == 524
+def test_chunk_rows_from_the_memory_budget():
+    fp32_two = 2 * 4 * 32000                                       # s and ds in fp32 at V = 32000
+    assert chunk_rows(10, 32000, fp32_two, "cpu", chunk_bytes=2**30) == 10  # at most N
+    assert chunk_rows(10**6, 32000, fp32_two, "cpu", chunk_bytes=100 * fp32_two) == 100   # < 128 rows: as is
+    assert chunk_rows(10**6, 32000, fp32_two, "cpu", chunk_bytes=300 * fp32_two) == 256   # a multiple of 64
+    assert chunk_rows(10**6, 10**9, 2 * 4 * 10**9, "cpu", chunk_bytes=2**30) == 1          # at least one row
+    assert chunk_rows(8192, 128256, 2 * 2 * 128256, "cuda") == 1024  # 512 MiB: s and t in bf16 at V = 128256
+    # CPU default: N / 8 rows, at most 64 MiB, in whole compiled calls of 2^22 // 32000 = 131 rows (>= 1)
+    assert chunk_rows(4096, 32000, fp32_two, "cpu") == 262         # 64 MiB: 262 rows = 2 calls
+    assert chunk_rows(1024, 32000, fp32_two, "cpu") == 131         # N / 8 = 128 rows: one call
+    assert chunk_rows(2048, 32000, fp32_two, "cpu") == 262         # N / 8 = 256 rows: nearer two calls
+    assert chunk_rows(512, 32000, fp32_two, "cpu") == 131          # N / 8 = 64 rows: at least one call
+
+
+def test_chunk_bounds_join_a_short_last_chunk():
+    assert chunk_bounds(10, 4) == ((0, 4), (4, 8), (8, 10))
+    assert chunk_bounds(10, 4, min_last=3) == ((0, 4), (4, 10))
+    assert chunk_bounds(3, 4, min_last=5) == ((0, 3),)
 
 
 def test_storage_tracker_counts_live_bytes():
