@@ -31,6 +31,7 @@ import torch
 
 from ._core import acc_dtype, rows_3d, weigh
 from ._layout import PARAMS, PARTIAL
+from ._torch import _student, _xlog_ratio, _zero_where
 
 NEG_INF = float("-inf")
 
@@ -42,15 +43,6 @@ class TopK(NamedTuple):
     logprobs: torch.Tensor
 
 
-def _zero_where(cond, x):
-    return torch.where(cond, torch.zeros((), dtype=x.dtype, device=x.device), x)
-
-
-def _xlog_ratio(x, la, lb):
-    # x (la - lb), 0 where x = 0
-    return _zero_where(x == 0, x * (la - lb))
-
-
 def student_at_ids(logits, ids, params, st, vocab_start):
     """(s_k soft-capped, d s / d s_raw or None, owned) at the ids in this shard, each (N, K) in the
     accumulation dtype; s_k = 0 at ids outside the shard. logits (..., V), ids (..., K) of one lead shape."""
@@ -59,11 +51,7 @@ def student_at_ids(logits, ids, params, st, vocab_start):
     owned = (local >= 0) & (local < s3.shape[-1])
     s = s3.gather(2, torch.where(owned, local, 0)).reshape(ids.shape).to(acc_dtype(logits))
     owned = owned.reshape(ids.shape)
-    dcap = None
-    if st.capped:
-        cap = params[PARAMS.softcap]
-        th = torch.tanh(s / cap)
-        s, dcap = cap * th, 1 - th * th
+    s, dcap = _student(s, params, st)
     return torch.where(owned, s, 0.0), dcap, owned
 
 
