@@ -1,5 +1,4 @@
-# Minimal shim for tools that still call setup.py; the package data live in pyproject.toml, which maps the
-# repository's kernels/ folder to the subpackage hrmloss.kernels (nothing installs a top-level `kernels`).
+# Minimal shim for tools that still call setup.py; everything (metadata, packages) is in pyproject.toml.
 from setuptools import setup
 
-setup(package_dir={"hrmloss": "hrmloss", "hrmloss.kernels": "kernels"})
+setup()

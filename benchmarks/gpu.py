@@ -88,19 +88,19 @@ def _flash_ce():
 
 def _hrmloss_pass(name, device):
     """One pass of hrmloss alone, through its custom ops, on the backend hrm_loss picks for `device`."""
-    from hrmloss import _frontend, _ops
-    from hrmloss._core import finalize
+    from hrmloss.engine import frontend, ops
+    from hrmloss.engine.stats import finalize
 
     def prepare(s, t, y):
-        call = _frontend.make_call(dict(hrm=HRM, ignore_index=IGNORE), s.device, (s.dtype, t.dtype))
+        call = frontend.make_call(dict(hrm=HRM, ignore_index=IGNORE), s.device, (s.dtype, t.dtype))
         structure = [int(x) for x in call.st]
         args = (y, call.params, structure, call.backend, 0, s.shape[-1])
         if name == "stats-pass":
-            return lambda: _ops.row_stats(s, t, *args)
-        partial = _ops.row_stats(s, t, *args)
+            return lambda: ops.row_stats(s, t, *args)
+        partial = ops.row_stats(s, t, *args)
         final = finalize(partial, None, y, call.params, call.st, s.shape[-1])[-1]
         g = torch.full((s.shape[0],), 1.0 / s.shape[0], device=s.device)
-        return lambda: _ops.grad(s, t, y, final, g, call.params, structure, call.backend, 0, s.shape[-1], False)
+        return lambda: ops.grad(s, t, y, final, g, call.params, structure, call.backend, 0, s.shape[-1], False)
     return prepare
 
 

@@ -1,10 +1,7 @@
 """Public API on logits: `hrm_loss`, `HRMLoss`, `HRMLossOutput`. The checks, the backend choice and the
-reduction are the front end's (_frontend.py); this file only wires them to the autograd Function."""
-import torch
-
-from . import _frontend
-from ._frontend import HRMLossOutput
-from ._function import HRMLossFunction
+reduction are the front end's (hrmloss/engine/frontend.py); this file wires them to the autograd Function."""
+from .engine.autograd import HRMLossFunction
+from .engine.frontend import HRMLossOutput, LossModule, finish, prepare_logits
 
 __all__ = ["HRMLoss", "HRMLossOutput", "hrm_loss"]
 
@@ -99,33 +96,13 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         The loss, or `HRMLossOutput(loss, ce, kl, z)`, the last three reduced like the loss, detached.
         fp32 for fp32 / bf16 / fp16 logits, float64 for float64 logits (backend="torch").
     """
-    ref = _frontend.check_logits(logits, ref_logits, labels, ref_vocab, topk=ref_topk is not None)
-    vocab = logits.shape[-1]
-    if process_group is not None and ref_topk is not None:  # the ids are global: K <= the whole vocabulary
-        from .distributed import check_group
-        vocab *= check_group(process_group)[1]
-    topk = _frontend.check_topk(ref_topk, labels, vocab)
-    weights = _frontend.check_weights(token_weights, labels)
-    dtypes = (logits.dtype,) + (() if ref is None else (ref.dtype,))
-    call = _frontend.make_call(
-        dict(hrm=hrm, kl=kl, beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-             backend=backend, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-             inplace_backward=inplace_backward, topk_mode=topk_mode, ref_vocab=ref_vocab),
-        logits.device, dtypes, return_components=return_components, num_items=num_items,
-        check_finite=check_finite, topk=topk is not None,
-        cut=ref is not None and ref.shape[-1] < logits.shape[-1])
-    if call.st.inplace:
-        _frontend.check_inplace(logits)
-    flat = labels.reshape(-1)
-    shard = None
-    if process_group is not None:
-        from .distributed import vocab_shard
-        shard = vocab_shard(process_group, logits.shape[-1], flat)
-    rows = HRMLossFunction.apply(logits, ref, flat, call.params, call.st, call.backend, shard, topk, weights)
-    return _frontend.finish(call, *rows, labels, weights)
+    p = prepare_logits(locals())
+    rows = HRMLossFunction.apply(logits, p.ref, p.labels, p.call.params, p.call.st, p.call.backend, p.shard, p.topk,
+                                 p.weights)
+    return finish(p, *rows, labels)
 
 
-class HRMLoss(torch.nn.Module):
+class HRMLoss(LossModule):
     """`hrm_loss` as a module: the keywords of `hrm_loss` (same names and defaults) at construction,
     `forward(logits, ref_logits, labels, num_items=None)` at the call.
 
@@ -134,18 +111,10 @@ class HRMLoss(torch.nn.Module):
     """
 
     def __init__(self, hrm=1.0, **options):
-        super().__init__()
-        self.kwargs = _frontend.module_options("HRMLoss", hrm_loss, {"hrm": hrm, **options},
-                                               per_call=("num_items", "ref_topk", "token_weights"))
-        if options.get("process_group") is not None:
-            from .distributed import check_group
-            check_group(options["process_group"])
+        super().__init__(hrm_loss, {"hrm": hrm, **options}, per_call=("num_items", "ref_topk", "token_weights"))
 
     def forward(self, logits, ref_logits, labels, num_items=None, *, ref_topk=None, token_weights=None):
         """The loss of `hrm_loss` with this module's options; per call: `num_items` (it changes per batch),
         a sparse teacher `ref_topk` (with ref_logits=None) and `token_weights`."""
         return hrm_loss(logits, ref_logits, labels, num_items=num_items, ref_topk=ref_topk,
                         token_weights=token_weights, **self.kwargs)
-
-    def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "process_group")

@@ -25,7 +25,7 @@ import sys
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from hrmloss._triton import launch_config, read_config  # noqa: E402
+from hrmloss.kernels.launch import launch_config, read_config  # noqa: E402
 from hrmloss.kernels import hrm_loss as K  # noqa: E402
 
 from benchmarks.report import replace_section  # noqa: E402

@@ -10,11 +10,12 @@ import pytest  # noqa: E402 (after the environment above)
 @pytest.fixture
 def no_launch(monkeypatch):
     """Make any backend pass fail loudly, so that errors are proven to come before anything runs."""
-    from hrmloss import _torch, _triton
+    from hrmloss.engine import torch_passes
+    from hrmloss.kernels import launch
 
     def boom(*a, **k):
         raise AssertionError("a backend pass ran before validation")
-    for mod in (_torch, _triton):
+    for mod in (torch_passes, launch):
         for name in ("row_stats", "jsd_sums", "grad"):
             monkeypatch.setattr(mod, name, boom)
 
@@ -23,9 +24,9 @@ def no_launch(monkeypatch):
 def small_chunks(monkeypatch):
     """The compiled torch path (hrmloss/_torch_compiled.py) at any size, with 4-row chunks of V = 96, and
     a clean per-test compile state."""
-    from hrmloss import _torch_compiled
-    monkeypatch.setattr(_torch_compiled, "COMPILE_MIN_ELEMS", 0)
-    monkeypatch.setattr(_torch_compiled, "COMPILED_CHUNK_ELEMS", 4 * 96)
-    monkeypatch.setitem(_torch_compiled._state, "failed", False)
-    monkeypatch.setitem(_torch_compiled._state, "fns", {})
+    from hrmloss.engine import torch_compiled
+    monkeypatch.setattr(torch_compiled, "COMPILE_MIN_ELEMS", 0)
+    monkeypatch.setattr(torch_compiled, "COMPILED_CHUNK_ELEMS", 4 * 96)
+    monkeypatch.setitem(torch_compiled._state, "failed", False)
+    monkeypatch.setitem(torch_compiled._state, "fns", {})
     monkeypatch.setenv("HRMLOSS_COMPILE", "1")

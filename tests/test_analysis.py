@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import hrmloss
-from hrmloss.analysis import FLAGS, PositionLoss, fit_power_law, fit_scaling_law, log_bins, predict_curve, smooth
+from hrmloss.runs.fits import FLAGS, fit_power_law, log_bins, predict_curve, smooth
+from hrmloss.runs.positions import PositionLoss
+from hrmloss.runs.scaling import fit_scaling_law
 
 
 # PositionLoss -----------------------------------------------------------------------------------------
@@ -333,12 +335,12 @@ def test_import_hrmloss_does_not_import_plotting_or_fitting_libraries():
 
 
 def test_lazy_exports_are_the_module_objects():
-    from hrmloss import analysis, plots, reports, runlogs
+    from hrmloss.runs import fits, logs, plots, positions, reports, scaling
 
-    assert hrmloss.fit_power_law is analysis.fit_power_law
-    assert hrmloss.fit_scaling_law is analysis.fit_scaling_law
-    assert hrmloss.PositionLoss is analysis.PositionLoss
+    assert hrmloss.fit_power_law is fits.fit_power_law and hrmloss.EXPONENT_RANGE is fits.EXPONENT_RANGE
+    assert hrmloss.fit_scaling_law is scaling.fit_scaling_law
+    assert hrmloss.PositionLoss is positions.PositionLoss
     assert hrmloss.plot_grid is plots.plot_grid
-    assert hrmloss.read_runs is runlogs.read_runs and hrmloss.report is reports.report
+    assert hrmloss.read_runs is logs.read_runs and hrmloss.report is reports.report
     with pytest.raises(AttributeError):
         hrmloss.not_a_name

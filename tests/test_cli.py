@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import hrmloss
-from hrmloss.__main__ import main
+from hrmloss.runs.cli import main
 
 
 def _fails(argv, capsys):
@@ -67,7 +67,7 @@ def test_a_bad_log_names_its_file_and_line(tmp_path, capsys):
 @pytest.mark.parametrize("module, call, extra", [
     ("scipy.optimize", lambda: hrmloss.fit_power_law([1, 2, 3, 4], [4.0, 3.0, 2.5, 2.2]), "plot"),
     ("matplotlib", lambda: hrmloss.plot_test_loss({"p": {"a": ([1, 2], [2.0, 1.0])}}, "x.png"), "plot"),
-    ("tqdm.auto", lambda: __import__("hrmloss.demo").demo._progress(hrmloss.demo.DemoConfig(), 1, ""), "demo"),
+    ("tqdm.auto", lambda: __import__("hrmloss.runs.demo").runs.demo._progress(hrmloss.runs.demo.DemoConfig(), 1, ""), "demo"),
 ])
 def test_a_missing_extra_says_which_to_install(monkeypatch, module, call, extra):
     monkeypatch.setitem(sys.modules, module, None)  # import of it now fails as if not installed
@@ -76,7 +76,7 @@ def test_a_missing_extra_says_which_to_install(monkeypatch, module, call, extra)
 
 
 def test_tensorboard_reader_names_its_extra(monkeypatch, tmp_path):
-    from hrmloss.runlogs import read_runs
+    from hrmloss.runs.logs import read_runs
 
     monkeypatch.setitem(sys.modules, "tensorboard.backend.event_processing.event_accumulator", None)
     with pytest.raises(ModuleNotFoundError, match=r'pip install "hrmloss\[tensorboard\]"'):

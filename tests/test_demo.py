@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from hrmloss.__main__ import main
-from hrmloss.analysis import EXPONENT_RANGE
-from hrmloss.demo import CUDA_DEMO, DemoConfig, GridConfig, eval_steps, split_tokens
+from hrmloss.runs.cli import main
+from hrmloss.runs.fits import EXPONENT_RANGE
+from hrmloss.runs.demo import CUDA_DEMO, DemoConfig, GridConfig, eval_steps, split_tokens
 
 CHARTS = ("hrm_sweep", "position_loss", "test_loss", "pred_vs_real")
 FILES = ("demo.json", "report.json", "report.txt", "summary.txt")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hrmloss import HRMLoss, hrm_loss
-from hrmloss._layout import PARTIAL, PARTIAL_MERGE
+from hrmloss.engine.layout import PARTIAL, PARTIAL_MERGE
 from tests._spawn import run_group
 from tests.reference import reference_loss
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hrmloss
-from hrmloss.linear import chunk_bounds, chunk_rows
+from hrmloss.engine.chunked import chunk_bounds, chunk_rows
 
 from .memtrack import StorageTracker, peak_bytes
 from .reference import reference_loss

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from hrmloss import plots
-from hrmloss.analysis import fit_scaling_law
+from hrmloss.runs import plots
+from hrmloss.runs.scaling import fit_scaling_law
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

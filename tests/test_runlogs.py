@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from hrmloss.runlogs import guess_columns, parse_run_spec, read_manifest, read_runs
+from hrmloss.runs.logs import guess_columns, parse_run_spec, read_manifest, read_runs
 
 
 def _series(run, key):

@@ -126,7 +126,7 @@ def test_new_values_never_recompile_a_compiled_model():
 
 
 def test_the_compiled_cpu_path_does_not_recompile_for_new_values(small_chunks):
-    from hrmloss import _torch_compiled
+    from hrmloss.engine import torch_compiled
     torch._dynamo.reset()
     counters.clear()
     s, t, y = make((8, 96))
@@ -136,7 +136,7 @@ def test_the_compiled_cpu_path_does_not_recompile_for_new_values(small_chunks):
         loss = hrmloss.hrm_loss(s, t, y, hrm, temperature=temp, label_smoothing=smoothing, backend="torch")
         loss.backward()
         graphs.append(counters["stats"]["unique_graphs"])
-    assert _torch_compiled._state["fns"] and not _torch_compiled._state["failed"]
+    assert torch_compiled._state["fns"] and not torch_compiled._state["failed"]
     assert graphs[0] == 2 and graphs[-1] == graphs[0], graphs  # the stats and grad chunks, compiled once
 
 
@@ -166,8 +166,8 @@ def test_float64_logits_give_a_float64_loss():
 def test_params_layout_names_every_value_option():
     # the kernels read the values by their PARAMS index: the layout must list exactly the value options
     import dataclasses
-    from hrmloss._layout import PARAMS
-    from hrmloss._options import LossOptions
+    from hrmloss.engine.layout import PARAMS
+    from hrmloss.engine.options import LossOptions
     values = [f.name for f in dataclasses.fields(LossOptions) if "range" in f.metadata]
     assert sorted(PARAMS) == sorted(values)
     opts = LossOptions(**VALUES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hrmloss
-from hrmloss import _torch, _torch_compiled
+from hrmloss.engine import torch_passes, torch_compiled
 from .reference import reference_loss
 
 
@@ -29,15 +29,15 @@ def test_compiled_path_matches_reference(small_chunks, kl):
     s_ref = s.detach().double().requires_grad_()
     ref, *_ = reference_loss(s_ref[:, :-1], t[:, :-1].double(), y, 0.7, kl=kl, temperature=1.5)
     ref.backward()
-    assert not _torch_compiled._state["failed"] and _torch_compiled._state["fns"], "compiled path not taken"
+    assert not torch_compiled._state["failed"] and torch_compiled._state["fns"], "compiled path not taken"
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.grad.double(), s_ref.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_compiled_grad_to_the_reference_matches_eager(small_chunks):
-    from hrmloss._core import rows_3d
-    from hrmloss._function import forward_rows
-    from hrmloss._options import LossOptions
+    from hrmloss.engine.rows import rows_3d
+    from hrmloss.engine.autograd import forward_rows
+    from hrmloss.engine.options import LossOptions
     s, t, y = _inputs()
     s, t, flat = s[:, :-1], t[:, :-1], y.reshape(-1)
     opts = LossOptions(hrm=0.7, kl="reverse", backend="torch")
@@ -45,9 +45,9 @@ def test_compiled_grad_to_the_reference_matches_eager(small_chunks):
     final = forward_rows(s, t, flat, params, st, "torch")[4]
     s3, t3 = rows_3d(s, t)
     g = torch.linspace(0.5, 1.5, flat.numel())
-    got = _torch_compiled.grad(s3, t3, flat, final, g, params, st, 0, 96, ref_grad=True)
-    want = _torch.grad(s3, t3, flat, final, g, params, st, 0, 96, ref_grad=True)
-    assert _torch_compiled._state["fns"] and not _torch_compiled._state["failed"]
+    got = torch_compiled.grad(s3, t3, flat, final, g, params, st, 0, 96, ref_grad=True)
+    want = torch_passes.grad(s3, t3, flat, final, g, params, st, 0, 96, ref_grad=True)
+    assert torch_compiled._state["fns"] and not torch_compiled._state["failed"]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -55,12 +55,12 @@ def test_compiled_grad_to_the_reference_matches_eager(small_chunks):
 def test_uniform_chunks_cover_every_row_once_or_twice():
     s = torch.empty(3, 10, 5)
     rows = torch.zeros(30, dtype=torch.int64)
-    saved = _torch_compiled.COMPILED_CHUNK_ELEMS
+    saved = torch_compiled.COMPILED_CHUNK_ELEMS
     try:
-        _torch_compiled.COMPILED_CHUNK_ELEMS = 4 * 5
-        chunks = list(_torch_compiled._uniform_chunks(s))
+        torch_compiled.COMPILED_CHUNK_ELEMS = 4 * 5
+        chunks = list(torch_compiled._uniform_chunks(s))
     finally:
-        _torch_compiled.COMPILED_CHUNK_ELEMS = saved
+        torch_compiled.COMPILED_CHUNK_ELEMS = saved
     fresh_rows = torch.zeros(30, dtype=torch.int64)
     for r0, r1, (b, i), fresh in chunks:
         assert r1 - r0 == 4 and s[b, i].shape == (1, 4, 5) and r0 == b.start * 10 + i.start
@@ -77,12 +77,12 @@ def _refuse(*args, **kwargs):
 def test_compile_failure_falls_back_to_eager(small_chunks, monkeypatch):
     s, t, y = _inputs()
     expected = hrmloss.hrm_loss(s[:, :-1], t[:, :-1], y, backend="torch")  # compiled
-    monkeypatch.setitem(_torch_compiled._state, "fns", {})
+    monkeypatch.setitem(torch_compiled._state, "fns", {})
     monkeypatch.setattr(torch, "compile", _refuse)
     with pytest.warns(RuntimeWarning, match="torch.compile of the torch backend failed"):
         got = hrmloss.hrm_loss(s[:, :-1], t[:, :-1], y, backend="torch")
     torch.testing.assert_close(got, expected)
-    assert not _torch_compiled.compile_enabled()
+    assert not torch_compiled.compile_enabled()
 
 
 def test_hrmloss_compile_0_never_compiles(small_chunks, monkeypatch):
@@ -106,6 +106,6 @@ def test_compiled_path_sparse_teacher_and_truncate(small_chunks, mode, kl):
         x_ref = s.detach().double().requires_grad_()
         ref64 = reference_loss(x_ref[:, :-1], None if ref is None else ref.double(), y, 0.7, kl=kl, **kw)[0]
         ref64.backward()
-        assert not _torch_compiled._state["failed"] and _torch_compiled._state["fns"], "compiled path not taken"
+        assert not torch_compiled._state["failed"] and torch_compiled._state["fns"], "compiled path not taken"
         torch.testing.assert_close(loss.double(), ref64, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)

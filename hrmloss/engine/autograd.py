@@ -1,9 +1,9 @@
 """The autograd Function: per-row loss, ce, kl, z forward; recompute-and-scale backward. ctx handling only."""
 import torch
 
-from . import _ops, _topk
-from ._core import finalize
-from ._layout import PARAMS, PARTIAL
+from . import ops, sparse
+from .stats import finalize
+from .layout import KINDS, PARAMS, PARTIAL
 
 
 def vocab_range(logits, shard):
@@ -22,7 +22,7 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, to
     correction of the gradient at its ids (else None), from the backend's passes.
 
     ref_logits: (..., V_ref) dense reference (V_ref < V with st.cut), or None with `topk` (a sparse
-    teacher, `_topk.TopK`). shard: None, or a `distributed.VocabShard` when logits hold one vocabulary
+    teacher, `sparse.TopK`). shard: None, or a `distributed.VocabShard` when logits hold one vocabulary
     shard: its merges turn this shard's statistics into those of the whole vocabulary
     (hrmloss/distributed.py). token_weights: only checked here (the front end applies them).
     """
@@ -30,24 +30,24 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, to
     structure = [int(x) for x in st]
     t = _ref_or_stand_in(logits, ref_logits)
     ids, lps = topk if topk is not None else (None, None)
-    partial = _ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights)
+    partial = ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights)
     if shard is not None:
         partial = shard.merge_stats(partial)
-    jsd, sparse, corr = None, None, None
+    jsd, topk_kl, corr = None, None, None
     if topk is not None:
-        s_k, _, _ = _topk.student_at_ids(logits, ids, params, st, start)
+        s_k, _, _ = sparse.student_at_ids(logits, ids, params, st, start)
         if shard is not None:  # every rank needs every id's logit (each owned by one shard)
             s_k = shard.merge_sums(s_k)
         u = s_k / params[PARAMS.temperature] if st.scaled else s_k
         live = labels != st.ignore_index
-        kl, coef, corr = _topk.divergence(u, lps, partial, params, st, live, V)
-        sparse = (kl, coef)
-    elif st.kind == 2:  # JSD: a second pass, with the normalisers of the whole vocabulary
+        kl, coef, corr = sparse.divergence(u, lps, partial, params, st, live, V)
+        topk_kl = (kl, coef)
+    elif st.kind == KINDS.jsd:  # JSD: a second pass, with the normalisers of the whole vocabulary
         lse_uw = partial[:, [PARTIAL.lse_u, PARTIAL.lse_w]]
-        jsd = _ops.jsd_sums(logits, t, labels, lse_uw, params, structure, backend)
+        jsd = ops.jsd_sums(logits, t, labels, lse_uw, params, structure, backend)
         if shard is not None:
             jsd = shard.merge_sums(jsd)
-    return (*finalize(partial, jsd, labels, params, st, V, sparse), corr)
+    return (*finalize(partial, jsd, labels, params, st, V, topk_kl), corr)
 
 
 def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_range_, ref_grad, topk=None,
@@ -55,21 +55,21 @@ def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_r
     """(d loss / d logits, d loss / d ref_logits or None), rows weighted by g (N,).
 
     With st.inplace the first is `logits` itself, overwritten by its gradient. A sparse teacher (`topk`,
-    its (N, K) `corr` from the forward) adds its term at the ids (`_topk.add_correction`)."""
+    its (N, K) `corr` from the forward) adds its term at the ids (`sparse.add_correction`)."""
     t = _ref_or_stand_in(logits, ref_logits)
     g = g.to(final.dtype).contiguous()
     at_ids = None
     if topk is not None and not st.hrm_zero:  # read before an in-place backward overwrites the logits
-        at_ids = _topk.student_at_ids(logits, topk.ids, params, st, vocab_range_[0])
+        at_ids = sparse.student_at_ids(logits, topk.ids, params, st, vocab_range_[0])
     args = (labels, final, g, params, [int(x) for x in st], backend, *vocab_range_, ref_grad,
             None if topk is None else topk.ids)
     if st.inplace:
-        dt = _ops.grad_inplace(logits, t, *args)
+        dt = ops.grad_inplace(logits, t, *args)
         ds = logits
     else:
-        ds, dt = _ops.grad(logits, t, *args)
+        ds, dt = ops.grad(logits, t, *args)
     if at_ids is not None:
-        ds = _topk.add_correction(ds, topk, at_ids, corr, g, params, vocab_range_[0])
+        ds = sparse.add_correction(ds, topk, at_ids, corr, g, params, vocab_range_[0])
     return ds, dt if ref_grad else None
 
 
@@ -81,7 +81,7 @@ class HRMLossFunction(torch.autograd.Function):
     requires grad (computed in the same backward pass; no extra traffic otherwise). With a `shard`
     (vocabulary-parallel), the forward communicates; the backward does not. With st.inplace the
     gradient of the logits is written into their storage and returned as that tensor. `topk`
-    (`_topk.TopK`) replaces ref_logits by a sparse teacher.
+    (`sparse.TopK`) replaces ref_logits by a sparse teacher.
     """
 
     @staticmethod
@@ -99,5 +99,5 @@ class HRMLossFunction(torch.autograd.Function):
         logits, ref_logits, labels, final, params, corr, *topk = ctx.saved_tensors
         st = ctx.st._replace(inplace=ctx.st.inplace and ctx.needs_input_grad[0])
         ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, st, ctx.backend,
-                           ctx.vocab_range, ctx.needs_input_grad[1], _topk.TopK(*topk) if topk else None, corr)
+                           ctx.vocab_range, ctx.needs_input_grad[1], sparse.TopK(*topk) if topk else None, corr)
         return ds, dt, None, None, None, None, None, None, None

@@ -29,9 +29,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._core import acc_dtype, rows_3d, weigh
-from ._layout import PARAMS, PARTIAL
-from ._torch import _student, _xlog_ratio, _zero_where
+from .layout import KINDS, PARAMS, PARTIAL
+from .maths import log_mixture, soft_cap, weigh, xlog_ratio, zero_where
+from .rows import acc_dtype, rows_3d
 
 NEG_INF = float("-inf")
 
@@ -51,7 +51,7 @@ def student_at_ids(logits, ids, params, st, vocab_start):
     owned = (local >= 0) & (local < s3.shape[-1])
     s = s3.gather(2, torch.where(owned, local, 0)).reshape(ids.shape).to(acc_dtype(logits))
     owned = owned.reshape(ids.shape)
-    s, dcap = _student(s, params, st)
+    s, dcap = soft_cap(s, params, st)
     return torch.where(owned, s, 0.0), dcap, owned
 
 
@@ -78,26 +78,26 @@ def divergence(u, logprobs, partial, params, st, live, vocab_size):
         lp_rest = torch.log((1 - mass).clamp(min=0)).to(acc)
     lp = torch.cat((lp, lp_rest[:, None]), 1)
     q, p = lq.exp(), lp.exp()
-    if st.kind == 0:
-        kl = _xlog_ratio(p, lp, lq).sum(-1)
-        r = _zero_where(p == 0, -torch.exp(lp - lq))
+    if st.kind == KINDS.forward:
+        kl = xlog_ratio(p, lp, lq).sum(-1)
+        r = zero_where(p == 0, -torch.exp(lp - lq))
         big_r = -p.sum(-1)
-    elif st.kind == 1:
-        kl = _xlog_ratio(q, lq, lp).sum(-1)
-        r = _zero_where(q == 0, lq - lp)
+    elif st.kind == KINDS.reverse:
+        kl = xlog_ratio(q, lq, lp).sum(-1)
+        r = zero_where(q == 0, lq - lp)
         big_r = kl
     else:
         beta = params[PARAMS.beta]
-        lm = torch.logaddexp(lp + torch.log(beta), lq + torch.log1p(-beta))
-        kl_qm = _xlog_ratio(q, lq, lm).sum(-1)
-        kl = beta * _xlog_ratio(p, lp, lm).sum(-1) + (1 - beta) * kl_qm
-        r = (1 - beta) * _zero_where(q == 0, lq - lm)
+        lm = log_mixture(lq, lp, beta)
+        kl_qm = xlog_ratio(q, lq, lm).sum(-1)
+        kl = beta * xlog_ratio(p, lp, lm).sum(-1) + (1 - beta) * kl_qm
+        r = (1 - beta) * zero_where(q == 0, lq - lm)
         big_r = (1 - beta) * kl_qm
     r_rest = r[:, -1]
     coef = r_rest - big_r
     # the term at the ids: the whole q_k (r_k - R) where the pass skips the ids (st.rest: coef can be
     # huge, p_rest / q_rest, and coef q_k would cancel against it), else what coef q_k leaves out
-    corr = _zero_where(q[:, :-1] == 0, q[:, :-1] * (r[:, :-1] - (big_r if st.rest else r_rest)[:, None]))
+    corr = zero_where(q[:, :-1] == 0, q[:, :-1] * (r[:, :-1] - (big_r if st.rest else r_rest)[:, None]))
     zero = torch.zeros((), dtype=acc, device=u.device)
     return (torch.where(live, kl, zero), torch.where(live, coef, zero),
             torch.where(live[:, None], corr, zero))

@@ -30,7 +30,7 @@ gradient of its own shard.
 import torch
 import torch.distributed as dist
 
-from ._core import merge_partial
+from .stats import merge_partial
 
 
 def _labels_checksum(labels):
@@ -61,7 +61,7 @@ class VocabShard:
     def merge_stats(self, partial):
         """(N, PARTIAL) statistics of this shard -> (N, PARTIAL) of the whole vocabulary (2 all_reduce).
 
-        Each column merges by its rule in _layout.PARTIAL_MERGE. Rows whose every shard is empty (all
+        Each column merges by its rule in layout.PARTIAL_MERGE. Rows whose every shard is empty (all
         -inf) get lse = -inf and expectations 0, like one process.
         """
         def all_reduce(op):

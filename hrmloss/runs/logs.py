@@ -188,7 +188,7 @@ def _csv_records(path):
 
 
 def _tensorboard_records(path):
-    from ._extras import require
+    from .._extras import require
 
     ea = require("tensorboard.backend.event_processing.event_accumulator", "reading TensorBoard logs")
     acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0})

@@ -1,7 +1,7 @@
 """The named layouts shared by the kernels, the torch path, the finaliser and the vocabulary-parallel merge.
 
 Every per-row statistic and every runtime scalar has one name here; readers index by name
-(`PARTIAL.lse_s`, `FINAL.kl_p`, `PARAMS.hrm`), never by a bare column number. Pure Python (no torch, no
+(`PARTIAL.lse_s`, `FINAL.kl_p`, `PARAMS.hrm`, `KINDS.jsd`), never by a bare column number. Pure Python (no torch, no
 triton), so that kernels/ can import it too. docs/design.md §2 gives the maths behind each column.
 """
 
@@ -44,6 +44,10 @@ FINAL = Layout(("lse_s", "lse_u", "lse_w", "kl_p", "kl_q", "coef"))
 
 # The JSD pass's per-row sums: KL(p||m), KL(q||m).
 JSD = Layout(("kl_pm", "kl_qm"))
+
+# The divergence kinds (`kl=`), by their index in Structure.kind and the kernels' KIND constexpr:
+#   forward KL(p||q), reverse KL(q||p), jsd  beta KL(p||m) + (1 - beta) KL(q||m)
+KINDS = Layout(("forward", "reverse", "jsd"))
 
 # Runtime scalars of a call, one small device tensor (LossOptions.params): values, never structure.
 # A placeholder stands where an option is off (softcap None).

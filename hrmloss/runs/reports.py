@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .analysis import FLAGS, fit_scaling_law, predict_curve
+from .fits import FLAGS, predict_curve
+from .scaling import fit_scaling_law
 
 _WEAK = "  (not ok: {}: too weak to read)"
 

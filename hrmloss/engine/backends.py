@@ -1,7 +1,7 @@
 """The backends, registered in one place, and the choice between them.
 
 A backend is a module with the three passes below (the `Backend` protocol); each takes the (B, T, V) views
-of `_core.rows_3d`, the flat (N,) labels, the runtime scalars `params` (`_layout.PARAMS`) and the
+of `stats.rows_3d`, the flat (N,) labels, the runtime scalars `params` (`layout.PARAMS`) and the
 `Structure` of the call, and none synchronises with the host:
 
     row_stats(s, t, labels, params, st, vocab_start, topk_ids)
@@ -9,12 +9,13 @@ of `_core.rows_3d`, the flat (N,) labels, the runtime scalars `params` (`_layout
     jsd_sums(s, t, labels, lse_uw, params, st)            -> (N, JSD) sums, given the final lse_u, lse_w
     grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad, topk_ids)
                                                           -> (ds (N, V) in s's dtype, dt or None)
+    preferred_rows(vocab_size)                            -> the rows it runs best in multiples of (chunked.py)
 
 t is (B, T, V_ref): V_ref = V, or fewer columns with st.cut (ref_vocab="truncate"); without a dense
 reference (st.has_ref False, a sparse teacher) t is never read and topk_ids (N, K) feeds PARTIAL.lse_rest.
 
-"torch" is plain PyTorch (hrmloss/_torch.py, compiled per chunk on large CPU inputs by
-_torch_compiled.py); "triton" the kernels of kernels/hrm_loss.py (hrmloss/_triton.py).
+"torch" is plain PyTorch (hrmloss/torch_passes.py, compiled per chunk on large CPU inputs by
+torch_compiled.py); "triton" the kernels of kernels/hrm_loss.py (hrmloss/launch.py).
 """
 import importlib
 import os
@@ -23,7 +24,7 @@ from typing import Protocol
 import torch
 
 # name -> module implementing the protocol, imported on first use (triton only when asked for)
-REGISTRY = {"torch": "hrmloss._torch_compiled", "triton": "hrmloss._triton"}
+REGISTRY = {"torch": "hrmloss.engine.torch_compiled", "triton": "hrmloss.kernels.launch"}
 
 
 class Backend(Protocol):
@@ -32,6 +33,8 @@ class Backend(Protocol):
     def jsd_sums(self, s, t, labels, lse_uw, params, st): ...
 
     def grad(self, s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad, topk_ids=None): ...
+
+    def preferred_rows(self, vocab_size): ...
 
 
 def get(name) -> Backend:

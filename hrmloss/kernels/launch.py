@@ -1,19 +1,19 @@
-"""The "triton" backend (`_backends.Backend`): launchers for kernels/hrm_loss.py. Allocate outputs, pick
+"""The "triton" backend (`backends.Backend`): launchers for kernels/hrm_loss.py. Allocate outputs, pick
 block size, warps and the vocabulary split, launch; none synchronises with the host.
 
 Grid: one program per row, times `splits` programs along the vocabulary when there are too few rows to
 fill the GPU (a few hundred rows of a long vocabulary). The stats and JSD passes then write one partial
-row per column range, merged on the device by `_core.merge_partial` (the rules of
-`_layout.PARTIAL_MERGE`, shared with the vocabulary-parallel merge); the gradient pass needs no merge.
+row per column range, merged on the device by `stats.merge_partial` (the rules of
+`layout.PARTIAL_MERGE`, shared with the vocabulary-parallel merge); the gradient pass needs no merge.
 """
 import functools
 
 import torch
 import triton
 
-from ._core import merge_partial
-from ._layout import JSD, PARTIAL
-from .kernels.hrm_loss import _hrm_grad_kernel, _hrm_jsd_kernel, _hrm_stats_kernel
+from ..engine.stats import merge_partial
+from ..engine.layout import JSD, PARTIAL
+from .hrm_loss import _hrm_grad_kernel, _hrm_jsd_kernel, _hrm_stats_kernel
 
 MAX_BLOCK_V = 2048       # gradient pass: columns per iteration (8 warps, 8 per thread)
 READ_THREAD_ROWS = 1     # reading passes: tile rows (16-byte slices) per thread per iteration
@@ -64,6 +64,11 @@ def vocab_splits(N, V, block, sms):
     per_split = -(-V // splits)
     cols = -(-per_split // block) * block          # a whole number of blocks per range
     return -(-V // cols), cols
+
+
+def preferred_rows(vocab):
+    """The `Backend` protocol's rows per call: any number (one program a row)."""
+    return 1
 
 
 def _strides(x):
@@ -124,7 +129,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
 
     With st.inplace the gradient of s is written into s itself (and s is returned). Without a dense
     reference (st.has_ref False) the divergence's part is coef * q only (off the top-k ids with st.rest):
-    the caller adds the term at the ids (hrmloss/_topk.py)."""
+    the caller adds the term at the ids (hrmloss/sparse.py)."""
     B, T_rows, V = s.shape
     N = B * T_rows
     ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)

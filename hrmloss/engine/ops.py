@@ -1,7 +1,7 @@
 """The backend passes as torch.library custom ops, so that torch.compile(fullgraph=True) traces the loss.
 
 Each op takes the logits as the user gave them (any (..., V) layout; `rows_3d` views them inside), the
-runtime scalars as the `params` tensor (`_layout.PARAMS`), the `Structure` as a list of ints and the
+runtime scalars as the `params` tensor (`layout.PARAMS`), the `Structure` as a list of ints and the
 resolved backend's name: typed arguments, so a new value of an option is new data, not a new graph.
 The checks that read data (labels, tensor-valued options) run inside `row_stats`, before any launch, so
 eager and compiled calls raise alike.
@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends
-from ._core import acc_dtype, rows_3d
-from ._layout import JSD, PARTIAL
-from ._options import Structure, check_params
+from . import backends
+from .rows import acc_dtype, rows_3d
+from .layout import JSD, PARTIAL
+from .options import Structure, check_params
 
 
 def no_autocast(x):
@@ -82,7 +82,7 @@ def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, params: Tensor
         check_weights(token_weights)
     with no_autocast(logits):
         s, t = rows_3d(logits, ref_logits)
-        return _backends.get(backend).row_stats(s, t, labels, params, st, vocab_start, topk_ids)
+        return backends.get(backend).row_stats(s, t, labels, params, st, vocab_start, topk_ids)
 
 
 @row_stats.register_fake
@@ -97,7 +97,7 @@ def jsd_sums(logits: Tensor, ref_logits: Tensor, labels: Tensor, lse_uw: Tensor,
     """(N, JSD) partial sums KL(p||m), KL(q||m) of this shard, given the final lse_u, lse_w."""
     st = Structure._make(structure)
     with no_autocast(logits):
-        return _backends.get(backend).jsd_sums(*rows_3d(logits, ref_logits), labels, lse_uw, params, st)
+        return backends.get(backend).jsd_sums(*rows_3d(logits, ref_logits), labels, lse_uw, params, st)
 
 
 @jsd_sums.register_fake
@@ -110,10 +110,10 @@ def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: T
          structure: list[int], backend: str, vocab_start: int, vocab_size: int,
          ref_grad: bool, topk_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad.
-    Without a dense reference, only the dense part of a sparse teacher's gradient (hrmloss/_topk.py)."""
+    Without a dense reference, only the dense part of a sparse teacher's gradient (hrmloss/sparse.py)."""
     st = Structure._make(structure)._replace(inplace=False)
     with no_autocast(logits):
-        ds, dt = _backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,
+        ds, dt = backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,
                                              vocab_start, vocab_size, ref_grad, topk_ids)
     dt = dt.view(ref_logits.shape) if ref_grad else ref_logits.new_empty(0)
     return ds.view(logits.shape), dt
@@ -138,7 +138,7 @@ def grad_inplace(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tens
     st = Structure._make(structure)._replace(inplace=True)
     s, t = rows_3d(logits, ref_logits)
     with no_autocast(logits):
-        ds, dt = _backends.get(backend).grad(s, t, labels, final, g, params, st, vocab_start, vocab_size,
+        ds, dt = backends.get(backend).grad(s, t, labels, final, g, params, st, vocab_start, vocab_size,
                                              ref_grad, topk_ids)
     if ds.data_ptr() != logits.data_ptr():  # rows_3d had to copy (a last dim that is not contiguous)
         logits.copy_(ds.reshape(logits.shape))

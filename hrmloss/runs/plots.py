@@ -6,8 +6,8 @@ panel per phase; (d) `plot_grid`: Real and Pred (one scaling law across the grid
 group, columns by N; and `plot_pred_vs_real`: one curve prediction per run.
 
 One style for all (`STYLE`, and the line styles below): raw per-step values are faint thin lines,
-the rolling median (`analysis.smooth`) over them is bold; fits and predictions are dashed; a fit that
-fails its quality checks (`analysis.FLAGS`) is grey and dashed with the reason in its legend entry.
+the rolling median (`fits.smooth`) over them is bold; fits and predictions are dashed; a fit that
+fails its quality checks (`fits.FLAGS`) is grey and dashed with the reason in its legend entry.
 Every function takes plain arrays (or mappings of them) and a path (its suffix is replaced by each of
 `formats`) and returns the paths written. No pyplot, no global backend change.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import CurvePrediction, _host_xy, fit_power_law, log_bins, predict_curve, smooth, smooth_window
+from .fits import CurvePrediction, fit_power_law, host_curve, log_bins, predict_curve, smooth, smooth_window
 
 STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 8,
          "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -33,7 +33,7 @@ FORMATS = ("png", "svg")
 @contextmanager
 def _chart(path, nrows, ncols, width, height, formats, written, **subplots):
     """A constrained-layout figure in `STYLE`; saved as path.<format> for each format on exit."""
-    from ._extras import require
+    from .._extras import require
 
     mpl = require("matplotlib", "the charts")
     from matplotlib.figure import Figure
@@ -75,7 +75,7 @@ def _token_unit(max_tokens):
 
 def _series(name, x, y, positive_y=False):
     """A validated (x, y) curve; for a log y axis, only its points with y > 0 (KL is 0 at step 1)."""
-    x, y = _host_xy(x, y, 1)
+    x, y = host_curve(x, y, 1)
     if positive_y:
         if not (y > 0).any():
             raise ValueError(f"{name}: expected some y > 0 on a log axis")
@@ -138,7 +138,7 @@ def plot_hrm_sweep(runs, path, *, window=None, formats=FORMATS):
 
 
 def position_fits(steps, curves, positions=None, n_bins=32):
-    """`fit_power_law` of each per-position curve, on its log-spaced bins (`analysis.log_bins`).
+    """`fit_power_law` of each per-position curve, on its log-spaced bins (`fits.log_bins`).
 
     Returns a list (one per curve) of PowerLawFit, or None where fewer than 3 positions are finite.
     """

@@ -1,14 +1,15 @@
 """The plain-PyTorch passes: the same three passes as kernels/hrm_loss.py, chunked over rows.
 
 Its extra memory is a few (chunk, V) fp32 buffers, never N x V beyond the gradient it returns.
-The signatures of `_backends.Backend`; the math is written out in the kernels and docs/design.md.
-Runtime scalars are read from `params` as 0-dim tensors (`_layout.PARAMS`), so that a compiled chunk
-(_torch_compiled.py) treats them as inputs, never as constants.
+The signatures of `backends.Backend`; the math is written out in the kernels and docs/design.md.
+Runtime scalars are read from `params` as 0-dim tensors (`layout.PARAMS`), so that a compiled chunk
+(torch_compiled.py) treats them as inputs, never as constants.
 """
 import torch
 
-from ._core import acc_dtype, weigh
-from ._layout import FINAL, JSD, PARAMS, PARTIAL
+from .maths import log_mixture, soft_cap, weigh, xlog_ratio, zero_where
+from .rows import acc_dtype
+from .layout import FINAL, JSD, KINDS, PARAMS, PARTIAL
 
 CHUNK_ELEMS = 1 << 20  # elements of one (chunk, V) fp32 temporary: 4 MiB
 NEG_INF = float("-inf")
@@ -17,7 +18,7 @@ NEG_INF = float("-inf")
 def _chunks(s, t):
     """Yield (r0, r1, s[r0:r1], t[r0:r1]) over the flat rows of (B, T, V) views, never crossing b."""
     B, T_rows, V = s.shape
-    # traced by torch.compile (see _torch_compiled.py), the caller has chunked: one chunk, fused by Inductor
+    # traced by torch.compile (see torch_compiled.py), the caller has chunked: one chunk, fused by Inductor
     step = T_rows if torch.compiler.is_compiling() else max(1, CHUNK_ELEMS // max(V, 1))
     for b in range(B):
         for i in range(0, T_rows, step):
@@ -25,22 +26,10 @@ def _chunks(s, t):
             yield b * T_rows + i, b * T_rows + j, s[b, i:j], t[b, i:j]
 
 
-def _zero_where(cond, value):
-    # value, with 0 where cond (so 0 * inf or -inf - -inf never becomes NaN)
-    return torch.where(cond, torch.zeros((), dtype=value.dtype, device=value.device), value)
-
 
 def _param(params, name):
     return params[getattr(PARAMS, name)]
 
-
-def _student(sc, params, st):
-    """Student chunk in the accumulation dtype, soft-capped when asked, and d s / d s_raw (or None)."""
-    if not st.capped:
-        return sc, None
-    cap = _param(params, "softcap")
-    th = torch.tanh(sc / cap)
-    return cap * th, 1 - th * th
 
 
 def _scaled(x, params, st):
@@ -56,7 +45,7 @@ def _lse_and_mean(x, y):
     m = torch.where(m == NEG_INF, 0.0, m)
     e = torch.exp(x - m)
     # +inf wherever y = -inf < x, even where e underflowed to 0 (the true weight is not 0)
-    a = _zero_where(x == NEG_INF, torch.where(y == NEG_INF, float("inf"), e * (x - y))).sum(-1)
+    a = zero_where(x == NEG_INF, torch.where(y == NEG_INF, float("inf"), e * (x - y))).sum(-1)
     d = e.sum(-1)
     return m[:, 0] + torch.log(d), torch.where(d == 0, 0.0, a / d)
 
@@ -93,7 +82,7 @@ def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
     acc = acc_dtype(s)
     out = torch.empty((B * T_rows, len(PARTIAL)), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        sc = _student(sc.to(acc), params, st)[0]
+        sc = soft_cap(sc.to(acc), params, st)[0]
         u = _cut(_scaled(sc, params, st), tc, st)
         if st.has_ref:
             w = _ref(tc.to(acc), V, params)
@@ -119,26 +108,18 @@ def _log_probs(u, w, lse_u, lse_w):
     return lq, lp, lq.exp(), lp.exp()
 
 
-def _xlog_ratio(x, la, lb):
-    # x * (la - lb), 0 where x = 0
-    return _zero_where(x == 0, x * (la - lb))
-
-
-def _log_mixture(lq, lp, beta):
-    # log(beta p + (1 - beta) q)
-    return torch.logaddexp(lp + torch.log(beta), lq + torch.log1p(-beta))
 
 
 def _divergence_grads(st, beta, lq, lp, q, p, kl_p, kl_q, ref_grad):
     """(d kl / d u, d kl / d w or None): the formulas of kernels/hrm_loss.py; d kl / d w only if ref_grad."""
     kl_p, kl_q = kl_p[:, None], kl_q[:, None]
-    if st.kind == 0:
-        return q - p, (_xlog_ratio(p, lp, lq) - p * kl_p) if ref_grad else None
-    if st.kind == 1:
-        return _xlog_ratio(q, lq, lp) - q * kl_q, (p - q) if ref_grad else None
-    lm = _log_mixture(lq, lp, beta)
-    dku = (1 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
-    return dku, beta * (_xlog_ratio(p, lp, lm) - p * kl_p) if ref_grad else None
+    if st.kind == KINDS.forward:
+        return q - p, (xlog_ratio(p, lp, lq) - p * kl_p) if ref_grad else None
+    if st.kind == KINDS.reverse:
+        return xlog_ratio(q, lq, lp) - q * kl_q, (p - q) if ref_grad else None
+    lm = log_mixture(lq, lp, beta)
+    dku = (1 - beta) * (xlog_ratio(q, lq, lm) - q * kl_q)
+    return dku, beta * (xlog_ratio(p, lp, lm) - p * kl_p) if ref_grad else None
 
 
 def jsd_sums(s, t, labels, lse_uw, params, st):
@@ -147,11 +128,11 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
     V = s.shape[-1]
     out = torch.empty((lse_uw.shape[0], len(JSD)), device=s.device, dtype=acc)
     for r0, r1, sc, tc in _chunks(s, t):
-        sc = _student(sc.to(acc), params, st)[0]
+        sc = soft_cap(sc.to(acc), params, st)[0]
         u, w = _cut(_scaled(sc, params, st), tc, st), _ref(tc.to(acc), V, params)
         lq, lp, q, p = _log_probs(u, w, lse_uw[r0:r1, 0], lse_uw[r0:r1, 1])
-        lm = _log_mixture(lq, lp, _param(params, "beta"))
-        sums = {"kl_pm": _xlog_ratio(p, lp, lm).sum(-1), "kl_qm": _xlog_ratio(q, lq, lm).sum(-1)}
+        lm = log_mixture(lq, lp, _param(params, "beta"))
+        sums = {"kl_pm": xlog_ratio(p, lp, lm).sum(-1), "kl_qm": xlog_ratio(q, lq, lm).sum(-1)}
         out[r0:r1] = torch.stack([sums[name] for name in JSD], 1)
     return out
 
@@ -162,7 +143,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
     read into the accumulation dtype before its gradient overwrites it), and s is returned.
 
     Without a dense reference the divergence's part is coef * q only (off the top-k ids with st.rest):
-    the caller adds the term at the ids (hrmloss/_topk.py)."""
+    the caller adds the term at the ids (hrmloss/sparse.py)."""
     B, T_rows, V = s.shape
     ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B * T_rows, t.shape[-1]), device=t.device, dtype=t.dtype) if ref_grad else None
@@ -175,7 +156,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
         y = labels[r0:r1]
         live = (y != st.ignore_index) & (g[r0:r1] != 0)
         gl = torch.where(live, g[r0:r1], 0.0)[:, None]
-        sc, dcap = _student(sc.to(acc), params, st)
+        sc, dcap = soft_cap(sc.to(acc), params, st)
         # 1. cross-entropy with label smoothing eps, and z-loss:
         #    q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V
         d = torch.exp(sc - lse_s[:, None]) * (1 + 2 * z_loss * lse_s[:, None]) - eps / vocab_size
@@ -188,7 +169,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
             # 2'. a sparse teacher: the dense part coef * q of d kl / d u
             if not st.hrm_zero:
                 q = torch.exp((_off_ids(u, topk_ids[r0:r1], vocab_start) if st.rest else u) - f["lse_u"][:, None])
-                d += weigh(c, _zero_where(q == 0, f["coef"][:, None] * q))
+                d += weigh(c, zero_where(q == 0, f["coef"][:, None] * q))
         elif not st.hrm_zero or ref_grad:
             # 2. divergence; hrm = 0 (c = 0) drops the term, which can be infinite, instead of scaling it
             dku, dkw = _divergence_grads(st, beta, *_log_probs(u, _ref(tc.to(acc), V, params), f["lse_u"],

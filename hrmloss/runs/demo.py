@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analysis import PositionLoss
-from .loss import hrm_loss
+from .positions import PositionLoss
+from ..loss import hrm_loss
 
 DEFAULT_HRMS = (0.001, 0.5, 10.0)
 
@@ -241,7 +241,7 @@ def evaluate(model, ref, windows, hrm):
 
 
 def _progress(cfg, total, desc):
-    from ._extras import require
+    from .._extras import require
 
     tqdm = require("tqdm.auto", "the demo's progress bars").tqdm
     return tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
@@ -356,7 +356,7 @@ def main(out="hrmloss-demo", cfg=None, *, formats=("png", "svg")):
     Returns (paths written, summary text).
     """
     from . import reports
-    from .runlogs import read_runs
+    from .logs import read_runs
 
     cfg = (cfg or DemoConfig().for_device()).validate()
     results = run(cfg)
@@ -454,7 +454,7 @@ def grid(cfg):
 def run_grid(out="hrmloss-grid", cfg=None, *, formats=("png", "svg")):
     """Run the grid; write grid.json, then what `hrmloss fit-grid grid.json` writes, and summary.txt."""
     from . import reports
-    from .runlogs import read_runs
+    from .logs import read_runs
 
     cfg = (cfg or GridConfig().for_device()).validate()
     results = grid(cfg)

@@ -2,7 +2,7 @@
 
 A *value* option (`hrm`, `temperature`, `beta`, `label_smoothing`, `z_loss`, `softcap`) is a Python number,
 a 0-dim float tensor (on the CPU or on the logits' device) or, under `torch.compile`, a symbolic float.
-Values reach the passes as one small tensor, `LossOptions.params` (layout `_layout.PARAMS`), so a new value
+Values reach the passes as one small tensor, `LossOptions.params` (layout `layout.PARAMS`), so a new value
 never recompiles a kernel or a compiled graph. A *structure* option (`kl`, `ignore_index`, ...) and what is
 derived from the values' kinds (`Structure`) select code: the kernels' constexprs, the torch path's
 branches.
@@ -21,9 +21,8 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ._layout import PARAMS
+from .layout import KINDS, PARAMS
 
-KL_KINDS = ("forward", "reverse", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 TOPK_MODES = ("renorm", "tail")   # a sparse teacher's semantics (docs/divergences.md)
@@ -82,7 +81,7 @@ class Structure(NamedTuple):
     Crosses the custom ops as a list of ints (`list(st)`), so a new field needs no change to them.
     """
 
-    kind: int          # 0 forward KL(p||q), 1 reverse KL(q||p), 2 JSD
+    kind: int          # layout.KINDS: forward KL(p||q), reverse KL(q||p), jsd
     scaled: bool       # the T != 1 path: temperature is not the Python number 1 (a tensor always takes it)
     capped: bool       # a soft cap is given
     hrm_zero: bool     # hrm is the Python number 0: the backward need not read the reference
@@ -119,7 +118,7 @@ class LossOptions:
             value = getattr(self, f.name)
             if rng is not None and not (f.name == "softcap" and value is None):
                 object.__setattr__(self, f.name, _check_value(f.name, value, rng))
-        _choice("kl", self.kl, KL_KINDS)
+        _choice("kl", self.kl, KINDS)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index={self.ignore_index!r}: expected an int")
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
@@ -151,7 +150,7 @@ class LossOptions:
         than the student (ref_vocab="truncate")."""
         values = self.values()
         return Structure(
-            kind=KL_KINDS.index(self.kl),
+            kind=KINDS.index(self.kl),
             scaled=is_dynamic(self.temperature) or self.temperature != 1.0,
             capped=self.softcap is not None,
             hrm_zero=not is_dynamic(self.hrm) and self.hrm == 0,

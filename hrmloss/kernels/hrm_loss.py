@@ -9,7 +9,7 @@ splits the vocabulary over a second grid axis), streamed in blocks of BLOCK_V. N
     lse_s = logsumexp(s), lse_u = logsumexp(u), lse_w = logsumexp(w)
 
 Column layouts (PARTIAL, FINAL, JSD) and the runtime scalars (PARAMS: hrm, temperature, beta,
-label_smoothing, z_loss, softcap, read from one small fp32 tensor) are named in hrmloss/_layout.py; the
+label_smoothing, z_loss, softcap, read from one small fp32 tensor) are named in hrmloss/layout.py; the
 constants below are their indices. Constexprs select structure only, never a value.
 
 Three kernels, one family:
@@ -18,7 +18,7 @@ Three kernels, one family:
        lse_s, s[y], lse_u, lse_w, ep = E_p[w - u], eq = E_q[u - w], sum_s = sum_j s_j
    from online max / sum-exp with running rescaling. They are combinable over vocabulary ranges
    (lse by logsumexp, the expectations weighted by exp(lse_range - lse), s[y] and sum_s by sum:
-   `_layout.PARTIAL_MERGE`), which is how the launcher merges split rows and the vocabulary-parallel
+   `layout.PARTIAL_MERGE`), which is how the launcher merges split rows and the vocabulary-parallel
    path merges shards before finalising. With them
        ce = (1 - eps) (lse_s - s[y]) + eps (lse_s - sum_s / V),    (label smoothing eps)
        KL(p||q) = ep - lse_w + lse_u,  KL(q||p) = eq - lse_u + lse_w,  z = z_loss lse_s^2.
@@ -44,12 +44,12 @@ are exp2 with log2(e) folded into the scale, e^((x - m) / T) = 2^(c (x - m)) wit
 FADD, one FMUL and one MUFU.EX2 per element and distribution. tests/aot_compile.py counts the result.
 
 Without a dense reference (HAS_REF = False: a sparse teacher given as top-k ids and log-probs, see
-hrmloss/_topk.py) the stats pass reads s only and yields lse_s, s[y], lse_u, sum_s, and with REST also
+hrmloss/sparse.py) the stats pass reads s only and yields lse_s, s[y], lse_u, sum_s, and with REST also
        lse_rest = logsumexp of u over the ids outside the row's K ids
 (the student's mass off the top-k, q_rest = exp(lse_rest - lse_u), summed directly, never as 1 - sum_k q_k,
 which cancels in fp32); the ids of a block are marked with a K-element histogram. The grad pass then
 adds  hrm / T * a q  with a per-row coefficient a (FINAL.coef), off the ids with REST; the O(K) term
-at the ids is applied outside (hrmloss/_topk.py). With CUT (ref_vocab="truncate", V_ref < V reference
+at the ids is applied outside (hrmloss/sparse.py). With CUT (ref_vocab="truncate", V_ref < V reference
 columns) u is -inf beyond V_ref: q is the student renormalised over the first V_ref ids, and lse_s is kept
 apart.
 
@@ -63,7 +63,7 @@ import os
 import triton
 import triton.language as tl
 
-from .._layout import FINAL, JSD, PARAMS, PARTIAL
+from ..engine.layout import FINAL, JSD, PARAMS, PARTIAL
 
 NEG_INF = tl.constexpr(float("-inf"))
 INF = tl.constexpr(float("inf"))

@@ -1,8 +1,8 @@
-"""The "torch" backend (`_backends.Backend`): the passes of _torch.py, compiled per chunk by `torch.compile`
+"""The "torch" backend (`backends.Backend`): the passes of torch_passes.py, compiled per chunk by `torch.compile`
 where that works.
 
-Same three functions and signatures as _torch.py, and the same math: each compiled function *is*
-_torch.row_stats / jsd_sums / grad, applied to one (1, rows, V) chunk, so Inductor fuses the dozen
+Same three functions and signatures as torch_passes.py, and the same math: each compiled function *is*
+torch_passes.row_stats / jsd_sums / grad, applied to one (1, rows, V) chunk, so Inductor fuses the dozen
 elementwise passes of the eager chunk (exp, where, sub, sum, ...) into a few vectorised loops over each
 row. Eager PyTorch reads and writes every (rows, V) temporary; the compiled chunk keeps them in registers.
 
@@ -15,7 +15,7 @@ When the compiled path is taken (checked per call, nothing happens at import):
 Otherwise every call goes to the eager _torch functions.
 
 Shapes are static (`dynamic=False`): every compiled call gets exactly `rows = COMPILED_CHUNK_ELEMS // V`
-rows (traced, _torch._chunks makes them one chunk), so one compilation per (V, dtype, options) serves
+rows (traced, torch_passes._chunks makes them one chunk), so one compilation per (V, dtype, options) serves
 every number of tokens. A sequence whose length is not a multiple of `rows` ends with a chunk shifted
 back to overlap its predecessor; the overlapped rows are computed twice with identical results (row
 results depend on that row only) and written twice. A sequence shorter than `rows` is one chunk of its
@@ -26,7 +26,7 @@ the gradient. On an idle 2-core CPU at N = 2048, V = 32000, fp32, fwd + bwd: 2^2
 loss: 1.00 NVs, ~300 ms).
 
 The values of the options (hrm, temperature, ...) are inputs of the compiled chunk (the `params` tensor):
-a new value runs the same compiled code. Only the structure (`_options.Structure`: kl kind, the T != 1
+a new value runs the same compiled code. Only the structure (`options.Structure`: kl kind, the T != 1
 path, soft cap on or off, ...), V and the dtypes compile once more each.
 """
 import os
@@ -34,9 +34,9 @@ import warnings
 
 import torch
 
-from . import _torch
-from ._core import acc_dtype
-from ._layout import JSD, PARTIAL
+from . import torch_passes
+from .rows import acc_dtype
+from .layout import JSD, PARTIAL
 
 COMPILE_MIN_ELEMS = 1 << 22  # below this many logits (16 MiB fp32) the eager path is used
 COMPILED_CHUNK_ELEMS = 1 << 22  # logits per compiled call (a 16 MiB fp32 buffer inside the compiled graph)
@@ -55,6 +55,12 @@ def compiled_rows(vocab):
     return max(1, COMPILED_CHUNK_ELEMS // max(vocab, 1))
 
 
+def preferred_rows(vocab):
+    """The `Backend` protocol's rows per call: those of one compiled call (chunks of whole calls avoid the
+    eager path for a short remainder)."""
+    return compiled_rows(vocab)
+
+
 def _use_compiled(s):
     # at least COMPILE_MIN_ELEMS logits, or one full compiled call (whose rows x V fall short of it by less
     # than a row); not under an outer torch.compile (it fuses the eager chunk itself), nor under a Python
@@ -71,15 +77,15 @@ def _python_dispatch_mode_active():
 
 
 def _stats_into(out, s, t, labels, params, st, vocab_start, topk_ids):
-    out.copy_(_torch.row_stats(s, t, labels, params, st, vocab_start, topk_ids))
+    out.copy_(torch_passes.row_stats(s, t, labels, params, st, vocab_start, topk_ids))
 
 
 def _jsd_into(out, s, t, labels, lse_uw, params, st):
-    out.copy_(_torch.jsd_sums(s, t, labels, lse_uw, params, st))
+    out.copy_(torch_passes.jsd_sums(s, t, labels, lse_uw, params, st))
 
 
 def _grad_into(ds_out, dt_out, s, t, labels, final, g, params, st, vocab_start, vocab_size, topk_ids):
-    ds, dt = _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, dt_out is not None, topk_ids)
+    ds, dt = torch_passes.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, dt_out is not None, topk_ids)
     ds_out.copy_(ds.view_as(ds_out))
     if dt_out is not None:
         dt_out.copy_(dt)
@@ -127,28 +133,28 @@ def _try_chunks(fn, s, chunk_args, after=None):
 
 
 def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
-    """(N, PARTIAL) partial statistics, as _torch.row_stats."""
+    """(N, PARTIAL) partial statistics, as torch_passes.row_stats."""
     if _use_compiled(s):
         out = torch.empty((s.shape[0] * s.shape[1], len(PARTIAL)), device=s.device, dtype=acc_dtype(s))
         if _try_chunks(_stats_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1], params, st,
                                                           vocab_start,
                                                           None if topk_ids is None else topk_ids[r0:r1])):
             return out
-    return _torch.row_stats(s, t, labels, params, st, vocab_start, topk_ids)
+    return torch_passes.row_stats(s, t, labels, params, st, vocab_start, topk_ids)
 
 
 def jsd_sums(s, t, labels, lse_uw, params, st):
-    """(N, JSD) partial sums KL(p||m), KL(q||m), as _torch.jsd_sums."""
+    """(N, JSD) partial sums KL(p||m), KL(q||m), as torch_passes.jsd_sums."""
     if _use_compiled(s):
         out = torch.empty((lse_uw.shape[0], len(JSD)), device=s.device, dtype=acc_dtype(s))
         if _try_chunks(_jsd_into, s, lambda r0, r1, k: (out[r0:r1], s[k], t[k], labels[r0:r1],
                                                         lse_uw[r0:r1], params, st)):
             return out
-    return _torch.jsd_sums(s, t, labels, lse_uw, params, st)
+    return torch_passes.jsd_sums(s, t, labels, lse_uw, params, st)
 
 
 def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=False, topk_ids=None):
-    """d loss / d s (B, T, V) and d loss / d t (or None), as _torch.grad (in s itself with st.inplace).
+    """d loss / d s (B, T, V) and d loss / d t (or None), as torch_passes.grad (in s itself with st.inplace).
 
     In place, each compiled chunk writes a (rows, V) buffer that is copied into s for its fresh rows
     only: the last chunk overlaps its predecessor, whose rows of s already hold their gradient (rows are
@@ -170,4 +176,4 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
                 g[r0:r1], params, chunk_st, vocab_start, vocab_size, None if topk_ids is None else topk_ids[r0:r1]),
                 after):
             return ds, dt
-    return _torch.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad, topk_ids)
+    return torch_passes.grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad, topk_ids)

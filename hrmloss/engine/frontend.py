@@ -1,0 +1,198 @@
+"""The one front end of every entry point: `prepare` a call, run it, `finish` it.
+
+`hrm_loss` / `HRMLoss` (hrmloss/loss.py) and `linear_hrm_loss` / `LinearHRMLoss` (hrmloss/linear.py) each
+make one call here with their arguments (`locals()`), and get back what the call needs:
+
+    p = prepare_logits(args)          # or prepare_linear(args): every check, the options, the backend,
+                                      # the vocabulary shard (and for the projection, the chunk plan)
+    rows = <the entry point's autograd Function>.apply(..., p.call.params, p.call.st, ...)
+    return finish(p, *rows, labels)   # check_finite, the reduction, num_items, the output
+
+The option dictionary is built here, once, from the option list (`options.OPTION_NAMES`); every check
+raises ValueError / TypeError naming the argument before any pass runs (checks.py); the checks that read
+data (labels, tensor-valued options, a sparse teacher's ids, token weights) run inside the first pass
+(ops.row_stats). `LossModule` is the base of the two modules.
+"""
+import inspect
+from typing import NamedTuple
+
+import torch
+
+from . import backends, checks, chunked
+from .options import OPTION_NAMES, LossOptions, Structure
+from .reduce import reduce_rows
+
+
+class HRMLossOutput(NamedTuple):
+    """`loss` = `ce` + hrm * `kl` + `z`, each reduced the same way; `ce`, `kl`, `z` are detached.
+
+    `ce` is the cross-entropy including label smoothing; `kl` the divergence (before the hrm weight);
+    `z` the z-loss term z_loss * logsumexp(s)^2 (0 when z_loss = 0). All four are fp32 (float64 for
+    float64 logits on the torch backend).
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    z: torch.Tensor
+
+
+class Call(NamedTuple):
+    """The validated non-tensor state of one call."""
+
+    opts: LossOptions          # as given (values may be tensors)
+    st: Structure              # what the passes compile for
+    backend: str               # resolved: "torch" or "triton"
+    params: torch.Tensor       # the runtime scalars on the device (layout.PARAMS)
+    num_items: object          # None, an int or a 0-dim tensor: the denominator of "mean"
+    return_components: bool
+    check_finite: bool
+
+
+class Prepared(NamedTuple):
+    """What one checked call needs: its Call, the tensors as the passes read them, the shard, the plan."""
+
+    call: Call
+    labels: torch.Tensor            # (N,) flat
+    ref: object                     # hrm_loss: the reference logits as the passes read them (or None)
+    topk: object                    # None, or the flat sparse.TopK of a sparse teacher
+    weights: object                 # None, or the (N,) flat token weights (detached)
+    shard: object                   # None, or this rank's distributed.VocabShard
+    plan: object = None             # linear_hrm_loss: its chunked.Plan
+
+
+def make_call(options, device, dtypes, *, return_components=False, num_items=None, check_finite=False,
+              topk=False, cut=False):
+    """Validate the non-tensor arguments of a call on tensors of `device` and floating `dtypes`.
+
+    options: the LossOptions keywords as given. Builds the runtime-scalar tensor on the device.
+    topk: the reference is a sparse teacher; cut: a dense reference with fewer columns than the student.
+    """
+    opts = LossOptions(**options)
+    if topk:
+        opts.check_topk()
+    checks.check_bool("return_components", return_components)
+    checks.check_bool("check_finite", check_finite)
+    checks.check_num_items(num_items, opts.reduction)
+    checks.check_option_devices(opts, device)
+    backend = backends.resolve(opts.backend, device)
+    backends.check_dtypes(backend, *dtypes)
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    return Call(opts, opts.structure(topk, cut), backend, opts.params(device, acc), num_items,
+                return_components, check_finite)
+
+
+def _options(args):
+    """The LossOptions keywords of an entry point's arguments (those of the option list it takes)."""
+    return {name: args[name] for name in OPTION_NAMES if name in args}
+
+
+def _teacher_and_call(args, labels, device, dtypes, vocab, cut):
+    """The sparse teacher, token weights and Call of either entry point, in the order of their checks."""
+    group = args["process_group"]
+    world = 1
+    if group is not None and args["ref_topk"] is not None:  # the ids are global: K <= the whole vocabulary
+        from .distributed import check_group
+        world = check_group(group)[1]
+    topk = checks.check_topk(args["ref_topk"], labels, vocab * world)
+    weights = checks.check_weights(args["token_weights"], labels)
+    call = make_call(_options(args), device, dtypes, return_components=args["return_components"],
+                     num_items=args["num_items"], check_finite=args["check_finite"], topk=topk is not None,
+                     cut=cut)
+    return topk, weights, call
+
+
+def _shard(group, vocab, flat):
+    if group is None:
+        return None
+    from .distributed import vocab_shard
+    return vocab_shard(group, vocab, flat)
+
+
+def prepare_logits(args):
+    """Check a `hrm_loss` call (its arguments, `locals()` at its start) and prepare it."""
+    logits, labels = args["logits"], args["labels"]
+    ref = checks.check_logits(logits, args["ref_logits"], labels, args["ref_vocab"],
+                              topk=args["ref_topk"] is not None)
+    V = logits.shape[-1]
+    dtypes = (logits.dtype,) + (() if ref is None else (ref.dtype,))
+    topk, weights, call = _teacher_and_call(args, labels, logits.device, dtypes, V,
+                                            cut=ref is not None and ref.shape[-1] < V)
+    if call.st.inplace:
+        checks.check_inplace(logits)
+    flat = labels.reshape(-1)
+    return Prepared(call, flat, ref, topk, weights, _shard(args["process_group"], V, flat))
+
+
+def prepare_linear(args):
+    """Check a `linear_hrm_loss` call (its arguments, `locals()` at its start) and prepare it, with the
+    chunk plan (chunked.make_plan)."""
+    hidden, weight, labels = args["hidden"], args["weight"], args["labels"]
+    checks.check_chunking(args["chunk_size"], args["chunk_bytes"])
+    mixed = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
+    has_topk = args["ref_topk"] is not None
+    checks.check_linear(hidden, weight, labels, args["bias"], args["ref_logits"], args["ref_hidden"],
+                        args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed)
+    V = weight.shape[0]
+    V_ref = V if has_topk else (args["ref_logits"].shape[-1] if args["ref_logits"] is not None
+                                else args["ref_weight"].shape[0])
+    gemm_dtype = chunked.gemm_dtype(hidden)
+    acc_dtype = checks.check_grad_acc_dtype(args["grad_acc_dtype"], gemm_dtype)
+    topk, weights, call = _teacher_and_call(args, labels, hidden.device, (gemm_dtype,), V, cut=V_ref < V)
+    flat = labels.reshape(-1).contiguous()
+    shard = _shard(args["process_group"], V, flat)
+    plan = chunked.make_plan(call, flat.shape[0], V, hidden.device, gemm_dtype, acc_dtype, shard,
+                        ref_from_hidden=args["ref_hidden"] is not None, chunk_size=args["chunk_size"],
+                        chunk_bytes=args["chunk_bytes"])
+    return Prepared(call, flat, None, topk, weights, shard, plan)
+
+
+def _check_finite(ce, kl, live):
+    """check_finite=True: NaN in a counted row's ce or kl means NaN (or +inf) in that row's inputs (syncs)."""
+    for name, x, culprit in (("ce", ce, "logits"), ("kl", kl, "logits or ref_logits")):
+        bad = torch.isnan(x) & live
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"check_finite: {name} is NaN at row {row} (flat token index): {culprit} "
+                             "contains NaN or +inf in that row")
+
+
+def finish(prepared, loss, ce, kl, z, labels):
+    """The call's result from per-row ce, kl, z (N,) and the loss (per row, or already reduced)."""
+    call, weights = prepared.call, prepared.weights
+    live = prepared.labels != call.st.ignore_index
+    if call.check_finite:
+        _check_finite(ce, kl, live)
+    reduction, num_items = call.opts.reduction, call.num_items
+    out = HRMLossOutput(*(x if x.dim() == 0 else reduce_rows(x, live, reduction, num_items, weights)
+                          for x in (loss, ce, kl, z)))
+    if reduction == "none":
+        out = HRMLossOutput(*(x.view(labels.shape) for x in out))
+    return out if call.return_components else out.loss
+
+
+class LossModule(torch.nn.Module):
+    """The base of `HRMLoss` and `LinearHRMLoss`: the keywords of the functional form `fn` (its parameters
+    with a default, but the per-call ones) stored in `self.kwargs`, checked at construction.
+
+    A value option may be a 0-dim tensor that a schedule updates in place (`hrm.fill_(x)`), or be replaced
+    (`module.kwargs["hrm"] = x`): neither recompiles.
+    """
+
+    def __init__(self, fn, options, per_call):
+        super().__init__()
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.default is not p.empty and p.name not in per_call]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected option(s) {unknown}: expected some of {names}")
+        LossOptions(**_options(options))
+        checks.check_bool("return_components", options.get("return_components", False))
+        checks.check_bool("check_finite", options.get("check_finite", False))
+        if options.get("process_group") is not None:
+            from .distributed import check_group
+            check_group(options["process_group"])
+        self.kwargs = options
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "process_group")
