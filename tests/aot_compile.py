@@ -26,13 +26,12 @@ import sys
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from hrmloss.kernels.launch import launch_config, read_config  # noqa: E402
-from hrmloss.kernels import hrm_loss as K  # noqa: E402
+from hrmloss.kernels import grad, jsd, stats  # noqa: E402
 
 from benchmarks.report import replace_section  # noqa: E402
 
 from .sass import loop_report, occupancy  # noqa: E402
 
-MODULE = K.__name__
 CCS = (80, 90)
 VS = (32000, 128256, 151936, 262144)
 SUBSET_VS = (128256,)
@@ -51,13 +50,13 @@ TOPK = dict(HAS_REF=False, REST=True, CUT=False, K_PAD=64)
 CUT = dict(DENSE, CUT=True)
 # role -> (kernel, [constexpr variants]); BLOCK_V (and ELEMS) come from the launcher
 ROLES = {
-    "stats": ("_hrm_stats_kernel", [dict(SCALED=sc, SOFTCAP=cap, **DENSE) for cap in (False, True)
+    "stats": (stats._hrm_stats_kernel, [dict(SCALED=sc, SOFTCAP=cap, **DENSE) for cap in (False, True)
                                     for sc in (False, True)]
               + [dict(SCALED=False, SOFTCAP=False, **TOPK), dict(SCALED=False, SOFTCAP=False, **CUT)]),
-    "jsd": ("_hrm_jsd_kernel", [dict(SCALED=sc, SOFTCAP=cap, CUT=False) for cap in (False, True)
+    "jsd": (jsd._hrm_jsd_kernel, [dict(SCALED=sc, SOFTCAP=cap, CUT=False) for cap in (False, True)
                                 for sc in (False, True)]
             + [dict(SCALED=False, SOFTCAP=False, CUT=True)]),
-    "grad": ("_hrm_grad_kernel",
+    "grad": (grad._hrm_grad_kernel,
              [dict(KIND=0, SCALED=sc, SOFTCAP=cap, READ_REF=True, REF_GRAD=rg, **DENSE)
               for rg in (False, True) for cap in (False, True) for sc in (False, True)]
              + [dict(KIND=k, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **DENSE) for k in (1, 2)]
@@ -107,8 +106,8 @@ def target(role, cx):
 def rows(vs=VS, ccs=CCS, dtypes=DTYPES):
     """Yield one dict per compiled variant."""
     cache = {}
-    for (role, (name, variants)), cc, dtype, V in itertools.product(ROLES.items(), ccs, dtypes, vs):
-        fn = getattr(K, name)
+    for (role, (fn, variants)), cc, dtype, V in itertools.product(ROLES.items(), ccs, dtypes, vs):
+        name = fn.fn.__name__
         sig = signature(fn, dtype)
         divisible = [n for n in DIVISIBLE_INTS if n in sig and (n not in ("V", "vocab_size") or V % 16 == 0)]
         launch, warps, per_iteration = config(role, V, dtype)
@@ -120,7 +119,7 @@ def rows(vs=VS, ccs=CCS, dtypes=DTYPES):
             r = cache[key]
             occ = occupancy(r["regs"], warps)
             goal = target(role, cx)
-            yield dict(module=MODULE, kernel=name, role=role, scaled=cx["SCALED"], softcap=cx["SOFTCAP"],
+            yield dict(module=fn.fn.__module__, kernel=name, role=role, scaled=cx["SCALED"], softcap=cx["SOFTCAP"],
                        ref_grad=cx.get("REF_GRAD", False), cc=cc, dtype=dtype, V=V, num_warps=warps,
                        constexprs=constexprs, signature=sig, divisible=divisible, options={},
                        per_iteration=per_iteration, regs=r["regs"], spill_bytes=r["spill_bytes"],

@@ -1,5 +1,6 @@
-"""The "triton" backend (`backends.Backend`): launchers for kernels/hrm_loss.py. Allocate outputs, pick
-block size, warps and the vocabulary split, launch; none synchronises with the host.
+"""The "triton" backend (the `Backend` protocol of hrmloss/engine/backends.py): launchers for the kernels of
+stats.py, jsd.py and grad.py. Allocate outputs, pick block size, warps and the vocabulary split, launch by
+keyword; none synchronises with the host.
 
 Grid: one program per row, times `splits` programs along the vocabulary when there are too few rows to
 fill the GPU (a few hundred rows of a long vocabulary). The stats and JSD passes then write one partial
@@ -11,9 +12,11 @@ import functools
 import torch
 import triton
 
-from ..engine.stats import merge_partial
 from ..engine.layout import JSD, PARTIAL
-from .hrm_loss import _hrm_grad_kernel, _hrm_jsd_kernel, _hrm_stats_kernel
+from ..engine.stats import merge_partial
+from .grad import _hrm_grad_kernel
+from .jsd import _hrm_jsd_kernel
+from .stats import _hrm_stats_kernel
 
 MAX_BLOCK_V = 2048       # gradient pass: columns per iteration (8 warps, 8 per thread)
 READ_THREAD_ROWS = 1     # reading passes: tile rows (16-byte slices) per thread per iteration
@@ -71,8 +74,9 @@ def preferred_rows(vocab):
     return 1
 
 
-def _strides(x):
-    return x.stride(0), x.stride(1)
+def _rows(name, x):
+    """The keyword arguments of a (B, T, V) tensor `name`: its pointer and its two leading strides."""
+    return {f"{name}_ptr": x, f"{name}_stride_b": x.stride(0), f"{name}_stride_t": x.stride(1)}
 
 
 def _elem_bytes(*xs):
@@ -100,8 +104,9 @@ def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
     ids, K, K_PAD = _ids(st, labels, topk_ids)
     if N:
         _hrm_stats_kernel[(N, splits)](
-            s, *_strides(s), t, *_strides(t), labels, ids, out, params, T_rows, V, t.shape[-1], K, vocab_start,
-            cols, st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, HAS_REF=st.has_ref, REST=st.rest,
+            **_rows("s", s), **_rows("t", t), y_ptr=labels, ids_ptr=ids, stats_ptr=out, params_ptr=params,
+            T_rows=T_rows, V=V, V_ref=t.shape[-1], K=K, vocab_start=vocab_start, split_cols=cols,
+            ignore_index=st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, HAS_REF=st.has_ref, REST=st.rest,
             CUT=st.cut, K_PAD=K_PAD, BLOCK_V=block, ELEMS=elems, num_warps=warps)
     if splits == 1:
         return out.view(N, len(PARTIAL))
@@ -117,9 +122,9 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
     out = torch.empty((N, splits, len(JSD)), device=s.device, dtype=torch.float32)
     if N:
         _hrm_jsd_kernel[(N, splits)](
-            s, *_strides(s), t, *_strides(t), labels, lse_uw.contiguous(), out, params, T_rows, V, t.shape[-1],
-            cols, st.ignore_index, SCALED=st.scaled, SOFTCAP=st.capped, CUT=st.cut, BLOCK_V=block, ELEMS=elems,
-            num_warps=warps)
+            **_rows("s", s), **_rows("t", t), y_ptr=labels, lse_ptr=lse_uw.contiguous(), out_ptr=out,
+            params_ptr=params, T_rows=T_rows, V=V, V_ref=t.shape[-1], split_cols=cols, ignore_index=st.ignore_index,
+            SCALED=st.scaled, SOFTCAP=st.capped, CUT=st.cut, BLOCK_V=block, ELEMS=elems, num_warps=warps)
     return out.sum(1) if splits > 1 else out.view(N, len(JSD))
 
 
@@ -140,9 +145,10 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
         block, warps = launch_config(V)
         splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
         _hrm_grad_kernel[(N, splits)](
-            s, *_strides(s), t, *_strides(t), labels, ids, final.contiguous(), g.contiguous(), params,
-            ds, *_strides(ds), dt_arg, *_strides(dt_arg), T_rows, V, vocab_start, vocab_size, t.shape[-1], K,
-            cols, st.ignore_index, KIND=st.kind, SCALED=st.scaled, SOFTCAP=st.capped,
+            **_rows("s", s), **_rows("t", t), y_ptr=labels, ids_ptr=ids, stats_ptr=final.contiguous(),
+            g_ptr=g.contiguous(), params_ptr=params, **_rows("ds", ds), **_rows("dt", dt_arg), T_rows=T_rows, V=V,
+            vocab_start=vocab_start, vocab_size=vocab_size, V_ref=t.shape[-1], K=K, split_cols=cols,
+            ignore_index=st.ignore_index, KIND=st.kind, SCALED=st.scaled, SOFTCAP=st.capped,
             READ_REF=st.has_ref and (not st.hrm_zero or ref_grad), REF_GRAD=ref_grad, HAS_REF=st.has_ref,
             REST=st.rest, CUT=st.cut, K_PAD=K_PAD, BLOCK_V=block, num_warps=warps)
     return ds, dt
