@@ -279,8 +279,6 @@ def main(argv=None):
     ap.add_argument("--out", default="docs/performance.md")
     ap.add_argument("--images", default="docs/images")
     ap.add_argument("--note", help="a sentence about the run (e.g. which subset of the shapes was measured)")
-    ap.add_argument("--readme", help="also replace the Performance section of this README (between the "
-                    f"markers {README_BEGIN!r} and {README_END!r}) with the same report")
     args = ap.parse_args(argv)
     entries, machine, files = load(args.json)
     os.makedirs(args.images, exist_ok=True)
@@ -290,15 +288,6 @@ def main(argv=None):
     with open(args.out, "w") as f:
         f.write(text + "".join(f"\n{block}\n" for block in kept))
     print(f"wrote {args.out} and plots in {args.images}")
-    if args.readme:
-        rel = os.path.relpath(args.images, os.path.dirname(os.path.abspath(args.readme)))
-        section = render(entries, machine, files, args.images, rel, args.note)
-        update_readme(args.readme, section)
-        print(f"replaced the Performance section of {args.readme}")
-
-
-README_BEGIN = "<!-- performance: written by python -m benchmarks.report --readme; do not edit -->"
-README_END = "<!-- /performance -->"
 
 
 _SECTION = re.compile(r"<!-- ([\w-]+): written by .*? -->.*?<!-- /\1 -->", re.S)
@@ -324,16 +313,6 @@ def replace_section(path, begin, end, section):
         head, tail = (text.rstrip("\n") + "\n\n" if text else ""), "\n"
     with open(path, "w") as f:
         f.write(f"{head}{begin}\n{section.rstrip()}\n{end}{tail}")
-
-
-def update_readme(path, section):
-    """Put `section` (its headings one level down) between the README's performance markers."""
-    with open(path) as f:
-        text = f.read()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{path}: no performance markers ({README_BEGIN} ... {README_END})")
-    section = "\n".join("#" + line if line.startswith("#") else line for line in section.splitlines())
-    replace_section(path, README_BEGIN, README_END, section)
 
 
 if __name__ == "__main__":

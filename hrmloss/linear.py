@@ -26,7 +26,7 @@ inside each GEMM). Across chunks the weight gradient is summed into an accumulat
                     fp32 accumulator's 4 V H bytes (docs/linear.md gives both errors).
 
 Rows are independent in the loss, so chunking is exact; the vocabulary-parallel form (process_group) splits
-the vocabulary instead and merges each chunk's row statistics over the group (hrmloss/distributed.py).
+the vocabulary instead and merges each chunk's row statistics over the group (hrmloss/engine/distributed.py).
 
 When is the gradient computed? The incoming gradient of the loss decides:
 - reduction "mean" / "sum": the loss is a scalar, so d loss / d s_i = grad_output * w_i with a known row

@@ -53,7 +53,7 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             ids [r V, (r+1) V) with V = logits.shape[-1], equal on every rank), `labels` the global ids,
             the same on every rank; the result is the loss over the whole vocabulary, on every rank,
             and the gradients are those of this shard. 3 all_reduce of O(N) floats per forward (4 for
-            "jsd"), none in backward (hrmloss/distributed.py, docs/distributed.md).
+            "jsd"), none in backward (hrmloss/engine/distributed.py, docs/distributed.md).
         check_finite: after the forward, raise ValueError naming the first counted row whose ce or kl
             is NaN, i.e. whose logits (or ref_logits) hold NaN or +inf. Synchronises with the host (it
             reads the result), so it is off by default; without it such a row's loss is NaN, as in

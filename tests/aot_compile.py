@@ -7,7 +7,7 @@ innermost loop (tests/sass.py). Run in a process where TRITON_INTERPRET is unset
     python -m tests.aot_compile --markdown         # the table as markdown
     python -m tests.aot_compile --update docs/performance.md   # replace that file's static-cost section
 
-Each variant uses the configuration that the launcher (hrmloss/_triton.py) picks for its V and dtype, and
+Each variant uses the configuration that the launcher (hrmloss/kernels/launch.py) picks for its V and dtype, and
 is compiled as the JIT compiles it for aligned tensors: pointers and the integer arguments in `divisible`
 16-divisible, TRITON_DEFAULT_FP_FUSION=1 (set here unless given). The fields `signature`, `constexprs`,
 `divisible`, `num_warps` and `options` of a row recompile the same cubin from `module`.`kernel`

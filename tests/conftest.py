@@ -22,7 +22,7 @@ def no_launch(monkeypatch):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """The compiled torch path (hrmloss/_torch_compiled.py) at any size, with 4-row chunks of V = 96, and
+    """The compiled torch path (hrmloss/engine/torch_compiled.py) at any size, with 4-row chunks of V = 96, and
     a clean per-test compile state."""
     from hrmloss.engine import torch_compiled
     monkeypatch.setattr(torch_compiled, "COMPILE_MIN_ELEMS", 0)

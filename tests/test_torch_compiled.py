@@ -1,4 +1,4 @@
-"""The compiled torch path (hrmloss/_torch_compiled.py): same values and gradients as the float64 oracle,
+"""The compiled torch path (hrmloss/engine/torch_compiled.py): same values and gradients as the float64 oracle,
 uniform chunks with an overlapped tail, the eager fallback, and the HRMLOSS_COMPILE switch."""
 import warnings
 

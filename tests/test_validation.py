@@ -113,3 +113,22 @@ def test_import_does_no_heavy_work():
             "print(sorted(m for m in ('triton', 'matplotlib', 'scipy', 'tqdm') if m in set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_both_entry_points_take_every_option_of_the_list_with_its_default():
+    # the front end builds the option dictionary from options.OPTION_NAMES: a keyword missing from a public
+    # signature (or with another default) would silently never reach the loss
+    import dataclasses
+    import inspect
+
+    from hrmloss.engine.options import LossOptions
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LossOptions)}
+    for fn, not_taken in ((hrmloss.hrm_loss, ()), (hrmloss.linear_hrm_loss, ("inplace_backward",))):
+        params = inspect.signature(fn).parameters
+        for name, default in defaults.items():
+            if name in not_taken:
+                assert name not in params
+                continue
+            assert name in params, f"{fn.__name__} has no keyword {name}"
+            assert params[name].default == default, (fn.__name__, name, params[name].default, default)

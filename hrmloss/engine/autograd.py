@@ -24,7 +24,7 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, to
     ref_logits: (..., V_ref) dense reference (V_ref < V with st.cut), or None with `topk` (a sparse
     teacher, `sparse.TopK`). shard: None, or a `distributed.VocabShard` when logits hold one vocabulary
     shard: its merges turn this shard's statistics into those of the whole vocabulary
-    (hrmloss/distributed.py). token_weights: only checked here (the front end applies them).
+    (hrmloss/engine/distributed.py). token_weights: only checked here (the front end applies them).
     """
     start, V = vocab_range(logits, shard)
     structure = [int(x) for x in st]

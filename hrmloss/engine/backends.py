@@ -1,7 +1,7 @@
 """The backends, registered in one place, and the choice between them.
 
 A backend is a module with the three passes below (the `Backend` protocol); each takes the (B, T, V) views
-of `stats.rows_3d`, the flat (N,) labels, the runtime scalars `params` (`layout.PARAMS`) and the
+of `rows.rows_3d`, the flat (N,) labels, the runtime scalars `params` (`layout.PARAMS`) and the
 `Structure` of the call, and none synchronises with the host:
 
     row_stats(s, t, labels, params, st, vocab_start, topk_ids)
@@ -14,8 +14,8 @@ of `stats.rows_3d`, the flat (N,) labels, the runtime scalars `params` (`layout.
 t is (B, T, V_ref): V_ref = V, or fewer columns with st.cut (ref_vocab="truncate"); without a dense
 reference (st.has_ref False, a sparse teacher) t is never read and topk_ids (N, K) feeds PARTIAL.lse_rest.
 
-"torch" is plain PyTorch (hrmloss/torch_passes.py, compiled per chunk on large CPU inputs by
-torch_compiled.py); "triton" the kernels of kernels/hrm_loss.py (hrmloss/launch.py).
+"torch" is plain PyTorch (hrmloss/engine/torch_passes.py, compiled per chunk on large CPU inputs by
+torch_compiled.py); "triton" the kernels of hrmloss/kernels (hrmloss/kernels/launch.py).
 """
 import importlib
 import os

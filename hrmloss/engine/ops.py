@@ -110,7 +110,7 @@ def grad(logits: Tensor, ref_logits: Tensor, labels: Tensor, final: Tensor, g: T
          structure: list[int], backend: str, vocab_start: int, vocab_size: int,
          ref_grad: bool, topk_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(d loss / d logits, d loss / d ref_logits) shaped like the inputs; the second is empty unless ref_grad.
-    Without a dense reference, only the dense part of a sparse teacher's gradient (hrmloss/sparse.py)."""
+    Without a dense reference, only the dense part of a sparse teacher's gradient (hrmloss/engine/sparse.py)."""
     st = Structure._make(structure)._replace(inplace=False)
     with no_autocast(logits):
         ds, dt = backends.get(backend).grad(*rows_3d(logits, ref_logits), labels, final, g, params, st,

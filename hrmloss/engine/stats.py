@@ -42,7 +42,7 @@ def merge_partial(partial, max_over, sum_over):
 
     partial: (..., len(PARTIAL)) statistics of each range; `max_over(x)` and `sum_over(x)` reduce a tensor
     of that leading shape over the ranges: over a dimension of one tensor (the split rows of one pass,
-    hrmloss/launch.py) or over the ranks of a process group (all_reduce, hrmloss/distributed.py). The
+    hrmloss/kernels/launch.py) or over the ranks of a process group (all_reduce, hrmloss/engine/distributed.py). The
     result of max_over must broadcast against its input; that of sum_over is (N, k).
 
         lse = M + log sum_r exp(lse_r - M)         (M = max_r lse_r, 0 for a row empty everywhere)
@@ -72,7 +72,7 @@ def finalize(partial, jsd_sums, labels, params, st, vocab_size, topk_kl=None):
     """(N, PARTIAL) statistics of the whole vocabulary -> per-row loss, ce, kl, z and (N, FINAL) stats.
 
     jsd_sums: (N, JSD) [KL(p||m), KL(q||m)] for kl="jsd", else None. topk_kl: (kl, coef) (N,) each from a
-    sparse teacher (hrmloss/sparse.py), else None. Ignored rows get zeros everywhere.
+    sparse teacher (hrmloss/engine/sparse.py), else None. Ignored rows get zeros everywhere.
     """
     p = PARTIAL.unbind(partial)
     hrm, beta, eps, z_loss = (params[getattr(PARAMS, k)] for k in ("hrm", "beta", "label_smoothing", "z_loss"))

@@ -12,7 +12,7 @@ When the compiled path is taken (checked per call, nothing happens at import):
 - the tensors are on the CPU, not already being traced by an outer `torch.compile` and not under a
   Python dispatch mode (a TorchDispatchMode such as a memory tracker);
 - the work is at least COMPILE_MIN_ELEMS elements, so small calls (and tests) never pay a compile.
-Otherwise every call goes to the eager _torch functions.
+Otherwise every call goes to the eager torch_passes functions.
 
 Shapes are static (`dynamic=False`): every compiled call gets exactly `rows = COMPILED_CHUNK_ELEMS // V`
 rows (traced, torch_passes._chunks makes them one chunk), so one compilation per (V, dtype, options) serves

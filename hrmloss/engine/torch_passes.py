@@ -1,4 +1,4 @@
-"""The plain-PyTorch passes: the same three passes as kernels/hrm_loss.py, chunked over rows.
+"""The plain-PyTorch passes: the same three passes as hrmloss/kernels, chunked over rows.
 
 Its extra memory is a few (chunk, V) fp32 buffers, never N x V beyond the gradient it returns.
 The signatures of `backends.Backend`; the math is written out in the kernels and docs/design.md.
@@ -111,7 +111,7 @@ def _log_probs(u, w, lse_u, lse_w):
 
 
 def _divergence_grads(st, beta, lq, lp, q, p, kl_p, kl_q, ref_grad):
-    """(d kl / d u, d kl / d w or None): the formulas of kernels/hrm_loss.py; d kl / d w only if ref_grad."""
+    """(d kl / d u, d kl / d w or None): the formulas of hrmloss/kernels; d kl / d w only if ref_grad."""
     kl_p, kl_q = kl_p[:, None], kl_q[:, None]
     if st.kind == KINDS.forward:
         return q - p, (xlog_ratio(p, lp, lq) - p * kl_p) if ref_grad else None
@@ -143,7 +143,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
     read into the accumulation dtype before its gradient overwrites it), and s is returned.
 
     Without a dense reference the divergence's part is coef * q only (off the top-k ids with st.rest):
-    the caller adds the term at the ids (hrmloss/sparse.py)."""
+    the caller adds the term at the ids (hrmloss/engine/sparse.py)."""
     B, T_rows, V = s.shape
     ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B * T_rows, t.shape[-1]), device=t.device, dtype=t.dtype) if ref_grad else None

@@ -18,6 +18,8 @@ LN2 = tl.constexpr(0.6931471805599453)     # ln(2): ln x = ln 2 log2 x
 BIG = tl.constexpr(1.0e38)                 # a finite stand-in for an infinite log-ratio multiplied by 0
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32
 
+# The column indices of the named layouts, one constexpr a name. (Written out rather than generated in a
+# loop, so that a reader and a linter see every name the kernels use; the values come from layout.py.)
 # columns of the partial statistics written by the stats pass
 P_LSE_S = tl.constexpr(PARTIAL.lse_s)
 P_S_Y = tl.constexpr(PARTIAL.s_y)

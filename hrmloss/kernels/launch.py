@@ -134,7 +134,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
 
     With st.inplace the gradient of s is written into s itself (and s is returned). Without a dense
     reference (st.has_ref False) the divergence's part is coef * q only (off the top-k ids with st.rest):
-    the caller adds the term at the ids (hrmloss/sparse.py)."""
+    the caller adds the term at the ids (hrmloss/engine/sparse.py)."""
     B, T_rows, V = s.shape
     N = B * T_rows
     ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)

@@ -1,4 +1,4 @@
-"""What `hrmloss report` and `hrmloss fit-grid` do, on runs read by `hrmloss.runlogs`.
+"""What `hrmloss report` and `hrmloss fit-grid` do, on runs read by `hrmloss.runs.logs`.
 
 `report(runs, out)` draws (a) hrm_sweep, (b) position_loss, (c) test_loss and pred_vs_real for the
 runs that hold what each chart needs, and says which charts it skipped and why; `fit_grid(runs, out)`
@@ -70,7 +70,7 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
                       for s, f in zip(p["step"], p["fits"]) if f]
     else:
         notes.append("(b) position_loss skipped: these logs hold no per-position losses (records with a "
-                     "position_loss list, see hrmloss.runlogs)")
+                     "position_loss list, see hrmloss.runs.logs)")
 
     phases = {}
     for r in runs:
