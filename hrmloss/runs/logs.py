@@ -142,12 +142,13 @@ def _in_step_order(points, disorder, repeats):
     """[(step, value, where)] in file order -> (steps, values) sorted by step, a repeated step's last kept.
 
     A resumed run logs the steps after its checkpoint again: the later values are the run that went on.
-    Out-of-order rows (newest first) are recorded in `disorder`, repeated steps in `repeats`
+    Out-of-order rows (newest first; a step seen before is a resume, not disorder) are recorded in `disorder`,
+    repeated steps in `repeats`
     {step: [where, ...]}, for the run's notes.
     """
     last = {}
     for i, (step, value, where) in enumerate(points):
-        if i and step < points[i - 1][0] and not disorder:
+        if i and step < points[i - 1][0] and step not in last and not disorder:  # (a repeat is a resume)
             disorder.append(f"step {step:g} at {where} after step {points[i - 1][0]:g} at {points[i - 1][2]}")
         if step in last:
             repeats.setdefault(step, [last[step][1]]).append(where)
@@ -175,8 +176,7 @@ def runs_from_records(records, source, name, columns=None, meta=None):
     for i, (where, rec) in enumerate(records, start=1):
         step = _number(rec.get(cols["step"]), where, cols["step"]) if "step" in cols else float(i)
         if step is None:
-            if any(rec.get(cols[k]) is not None for k in metrics) or rec.get("position_loss") is not None:
-                no_step.append(where)
+            no_step.append(where)
             continue
         if step < 0:
             raise ValueError(f"{where}: column {cols['step']!r} is {step:g}: expected a step >= 0")
@@ -196,7 +196,7 @@ def runs_from_records(records, source, name, columns=None, meta=None):
             series[k] = _in_step_order(points, disorder, repeats)
     notes = []
     if no_step:
-        notes.append(f"{source}: {len(no_step)} record(s) with values and no {cols['step']!r} skipped "
+        notes.append(f"{source}: {len(no_step)} record(s) without {cols['step']!r} skipped "
                      f"({_listed(no_step)})")
     if disorder:
         notes.append(f"{source}: rows not in step order ({disorder[0]}): sorted by step")

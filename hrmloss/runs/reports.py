@@ -37,10 +37,11 @@ def _count(n, what):
 
 
 def _positive_steps(name, steps, values, notes):
-    """The points at steps > 0 (log-scaled step axes); a note when a step 0 (an eval before training) is left out."""
-    keep = steps > 0
+    """The points at steps > 0, and a note when a step 0 (e.g. an eval before training) is left out: the
+    charts' step axes are logarithmic or start at 1, and a power law of D has no value at D = 0."""
+    keep = np.asarray(steps) > 0
     if not keep.all():
-        notes.append(f"{name}: {int((~keep).sum())} point(s) at step 0 not drawn on the log step axis")
+        notes.append(f"{name}: {int((~keep).sum())} point(s) at step 0 left out (charts and fits start at step 1)")
     return steps[keep], values[keep]
 
 
@@ -86,7 +87,7 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     for r in runs:
         if "kl" in r.series and "ce" in r.series and (r.series["kl"][1] > 0).any():
             ks, kv = r.series["kl"]
-            cs, cv = r.series["ce"]
+            cs, cv = _positive_steps(f"(a) {r.name} ce", *r.series["ce"], notes)
             if not np.array_equal(ks, cs):
                 kv = np.interp(cs, ks, kv)
             sweep[r.meta.get("hrm", r.name)] = {"step": cs, "kl": kv, "ce": cv}
@@ -95,10 +96,13 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     else:
         notes.append("(a) hrm_sweep skipped: no run logs both kl and ce")
 
-    with_pos = [r for r in runs if r.positions is not None]
-    if with_pos:
-        panels = {r.name: r.positions | {"fits": plots.position_fits(r.positions["step"], r.positions["loss"])}
-                  for r in with_pos}
+    panels = {}
+    for r in runs:
+        if r.positions is not None:
+            steps, curves = _positive_steps(f"(b) {r.name}", r.positions["step"], r.positions["loss"], notes)
+            if steps.size:
+                panels[r.name] = {"step": steps, "loss": curves, "fits": plots.position_fits(steps, curves)}
+    if panels:
         draw("(b) position_loss", plots.plot_position_loss(panels, out / "position_loss", formats=formats),
              _count(len(panels), "run"))
         lines.append("per-position test loss, L(T) = a + b * T^-c fitted on log-spaced bins of T:")
@@ -180,8 +184,12 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     return paths, text
 
 
-def grid_runs(runs):
-    """`runlogs.Run`s -> the dicts `fit_scaling_law` takes (N from the run's metadata; tokens known)."""
+def grid_runs(runs, notes=None):
+    """`runlogs.Run`s -> the dicts `fit_scaling_law` takes (N from the run's metadata; tokens known).
+
+    Points at step 0 are left out (a power law of D has no value at D = 0), said in `notes` (a list).
+    """
+    notes = [] if notes is None else notes
     out = []
     for r in runs:
         if "N" not in r.meta:
@@ -189,8 +197,8 @@ def grid_runs(runs):
                              "or in a --manifest")
         if "loss" not in r.series:
             raise ValueError(f"run {r.name!r} ({r.source}): no training loss column")
-        out.append({"N": r.meta["N"], "tokens": r.tokens("loss"), "loss": r.series["loss"][1],
-                    "group": r.meta.get("group"), "name": r.name})
+        tokens, loss = _positive_steps(r.name, r.tokens("loss"), r.series["loss"][1], notes)
+        out.append({"N": r.meta["N"], "tokens": tokens, "loss": loss, "group": r.meta.get("group"), "name": r.name})
     return out
 
 
@@ -203,7 +211,8 @@ def fit_grid(runs, out, *, fit_fraction=0.5, fit_runs=None, group_factor=False, 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = grid_runs(runs)
+    notes = [note for r in runs for note in r.notes]
+    data = grid_runs(runs, notes)
     law = fit_scaling_law(data, fit_fraction=fit_fraction, fit_runs=fit_runs, group_factor=group_factor)
     paths = plots.plot_grid(data, law, out / "grid", formats=formats)
     paths.append(_write(out, "scaling_law.json", law.to_dict()))
@@ -217,7 +226,7 @@ def fit_grid(runs, out, *, fit_fraction=0.5, fit_runs=None, group_factor=False, 
                      + (f"  ({', '.join(r['flags'])})" if r["flags"] else ""))
     if not law.ok:
         lines.append(f"the law is not ok ({', '.join(law.flags)}): too weak to read as a result")
-    text = "\n".join(lines + [note for r in runs for note in r.notes]) + "\n"
+    text = "\n".join(lines + notes) + "\n"
     (out / "scaling_law.txt").write_text(text)
     paths.append(out / "scaling_law.txt")
     return paths, text, law
