@@ -114,8 +114,10 @@ def host_curve(x, y, min_points, names=("x", "y")):
         raise ValueError(f"{nx}.shape={x.shape}, {ny}.shape={y.shape}: expected the same length")
     if x.size < min_points:
         raise ValueError(f"{x.size} points: expected at least {min_points} (one per fitted parameter)")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError(f"{nx}, {ny}: expected finite values (found NaN or inf)")
+    for name, v in ((nx, x), (ny, y)):
+        if not np.isfinite(v).all():
+            i = int(np.argmin(np.isfinite(v)))
+            raise ValueError(f"{name}: expected finite values (found {v[i]} at [{i}])")
     if (x <= 0).any():
         raise ValueError(f"{nx}: expected {nx} > 0 (min is {x.min()})")
     return x, y
