@@ -12,14 +12,22 @@ records (one per logged step) and then into series by canonical name:
 
 Column names are matched case-insensitively after turning "/", "-", "." and spaces into "_" and
 dropping a leading "train_" or "training_" (so `train/loss` is `loss`, `eval/loss` is `eval_loss`);
-the first alias present wins. `columns={"loss": "my_metric"}` names a column outright. Without a step
-column, the record's position (1, 2, ...) is the step. A record may also hold `position_loss`: a list
-of per-position mean test losses (e.g. `PositionLoss.compute()["loss"].tolist()`) at its step.
+the first alias present wins. `columns={"loss": "my_metric"}` names a column outright. A named eval
+set's loss, `eval_<set>_loss` (Hugging Face with several eval datasets; `EVAL_SET`), is the series
+`eval_loss:<set>`. Without a step column, the record's position (1, 2, ...) is the step. A record may
+also hold `position_loss`: a list of per-position mean test losses (e.g.
+`PositionLoss.compute()["loss"].tolist()`) at its step.
+
+Every series is sorted by step; a step logged more than once (a resumed run) keeps the last value in
+the file; records without a step (when others have one) are skipped; `Run.notes` says each, naming the
+file and records. A negative step is an error. Files are read as UTF-8 (a leading byte-order mark
+dropped; CRLF or LF).
 
 Formats, by path: a folder or `events.out.tfevents.*` is TensorBoard (needs `tensorboard`);
 `.csv` / `.tsv` is CSV with a header row; `.jsonl` / `.ndjson` is JSON lines (one object per line);
 `.json` is a Hugging Face `trainer_state.json` (its `log_history`), a demo's `demo.json` or
-`grid.json`, or a list of records. A bad file raises ValueError naming the file and line.
+`grid.json`, or a list of records. A bad file (not text, invalid JSON or CSV, a value that is not a
+number, a demo.json / grid.json without a key) raises ValueError naming the file and the line or key.
 """
 import csv
 import io
