@@ -236,3 +236,14 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, capsys, command, name, data,
     path.write_bytes(data)
     err = _fails([command, str(path), "--out", str(tmp_path / "out")], capsys)
     assert f"{tmp_path}/{message}" in err, err
+
+
+def test_a_manifest_with_a_byte_order_mark_or_binary(tmp_path, capsys):
+    from hrmloss.runs.logs import read_manifest
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes(b"\xef\xbb\xbf" + json.dumps({"runs": [{"path": "a.csv", "N": 1e6}]}).encode())
+    assert read_manifest(manifest) == [(str(tmp_path / "a.csv"), {"N": 1e6})]
+    manifest.write_bytes(_GARBAGE)
+    err = _fails(["fit-grid", "--manifest", str(manifest), "--out", str(tmp_path / "out")], capsys)
+    assert f"{manifest}: not a UTF-8 text file" in err

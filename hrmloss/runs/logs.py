@@ -450,7 +450,7 @@ def read_manifest(path):
     """
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(_read_text(path))
     except FileNotFoundError:
         raise ValueError(f"--manifest {path}: no such file") from None
     except json.JSONDecodeError as e:

@@ -92,7 +92,8 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
                 kv = np.interp(cs, ks, kv)
             sweep[r.meta.get("hrm", r.name)] = {"step": cs, "kl": kv, "ce": cv}
     if sweep:
-        draw("(a) hrm_sweep", plots.plot_hrm_sweep(sweep, out / "hrm_sweep", formats=formats), _count(len(sweep), "run"))
+        draw("(a) hrm_sweep", plots.plot_hrm_sweep(sweep, out / "hrm_sweep", formats=formats),
+             _count(len(sweep), "run"))
     else:
         notes.append("(a) hrm_sweep skipped: no run logs both kl and ce")
 
@@ -144,7 +145,8 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
             except ValueError as e:
                 reason = str(e)
         if reason is not None:
-            notes.append(f"pred_vs_real: no Pred for {r.name!r} ({reason}): its training loss is drawn in training_loss")
+            drawn_in = ": its training loss is drawn in training_loss" if steps.size else ""
+            notes.append(f"pred_vs_real: no Pred for {r.name!r} ({reason}){drawn_in}")
             if steps.size:
                 unpredicted.setdefault(r.meta.get("phase", "training"), {})[r.name] = (steps, losses)
     for chart, group, xlabel in (("pred_vs_real", preds, None), ("pred_vs_real_steps", by_step, "Step")):
