@@ -132,7 +132,7 @@ def test_trainer_state_without_token_counts_draws_loss_against_step(tmp_path, ca
     assert main(["report", str(path), "--out", str(out), "--formats", "svg"]) == 0
     doc = json.loads((out / "report.json").read_text())
     assert doc["drawn"] == ["(c) test_loss (2 curves)",
-                            "pred_vs_real_steps (1 run, against steps: tokens unknown (give --tokens-per-step))"]
+                            "pred_vs_real_steps (1 run, against steps: no usable token counts (give --tokens-per-step))"]
     assert doc["predictions"]["checkpoint-100"]["x"] == "steps" and doc["predictions"]["checkpoint-100"]["ok"]
     svg = (out / "test_loss.svg").read_text()
     assert "checkpoint-100: wiki" in svg and "checkpoint-100: code" in svg
@@ -247,3 +247,29 @@ def test_a_manifest_with_a_byte_order_mark_or_binary(tmp_path, capsys):
     manifest.write_bytes(_GARBAGE)
     err = _fails(["fit-grid", "--manifest", str(manifest), "--out", str(tmp_path / "out")], capsys)
     assert f"{manifest}: not a UTF-8 text file" in err
+
+
+def test_step_zero_and_a_token_counter_reset(tmp_path, capsys):
+    # An eval before training (step 0) is left out of the log-step charts and the fits, and said; a tokens
+    # column that restarts (a resumed run's counter) gives a Pred against steps in report, an error in fit-grid.
+    path = tmp_path / "reset.csv"
+    path.write_text("step,loss,eval_loss,tokens\n0,5.0,5.1,0\n"
+                    + "".join(f"{s},{2 + 1 / s},,{(s % 15 + 1) * 100}\n" for s in range(1, 40)) + "40,2.03,2.2,4000\n")
+    assert main(["report", str(path), "--out", str(tmp_path / "r"), "--formats", "svg"]) == 0
+    text = (tmp_path / "r" / "report.txt").read_text()
+    assert "(c) reset: 1 point(s) at step 0 left out (charts and fits start at step 1)" in text
+    assert "reset training loss: 1 point(s) at step 0 left out" in text
+    assert f"reset ({path}): tokens do not increase with step (step 15: 100 after 1500 at step 14): Pred against steps" in text
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["predictions"]["reset"]["x"] == "steps"
+    err = _fails(["fit-grid", "--run", f"{path}:N=1M", "--out", str(tmp_path / "g")], capsys)
+    assert f"run 'reset' ({path}): tokens do not increase with step (step 15: 100 after 1500 at step 14)" in err
+
+
+def test_only_step_zero_is_said_not_called_missing(tmp_path, capsys):
+    path = tmp_path / "zero.csv"
+    path.write_text("step,loss,eval_loss\n0,5.0,5.1\n")
+    assert main(["report", str(path), "--out", str(tmp_path / "r"), "--formats", "svg"]) == 0
+    text = (tmp_path / "r" / "report.txt").read_text()
+    assert "(c) test_loss skipped: the eval losses are all at step 0" in text
+    assert "no run logs a training loss" not in text and "every fit passed" not in text
+    assert "nothing was fitted" in text and "drew nothing: no chart's data is in these logs" in text

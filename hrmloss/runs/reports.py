@@ -45,6 +45,29 @@ def _positive_steps(name, steps, values, notes):
     return steps[keep], values[keep]
 
 
+def _increasing(x, steps):
+    """None when x strictly increases, else the first step where it does not ("step 15: 100 after 1500 at step 14")."""
+    bad = np.flatnonzero(np.diff(x) <= 0)
+    if not bad.size:
+        return None
+    i = bad[0] + 1
+    return f"step {steps[i]:g}: {x[i]:g} after {x[i - 1]:g} at step {steps[i - 1]:g}"
+
+
+def _run_tokens(r, notes):
+    """Tokens trained at each logged loss (step > 0), or None when unknown or not increasing with step
+    (e.g. a counter reset on resume), said in `notes`."""
+    if not r.has_tokens():
+        return None
+    steps = r.series["loss"][0]
+    tokens = r.tokens("loss")[steps > 0]
+    where = _increasing(tokens, steps[steps > 0])
+    if where is not None:
+        notes.append(f"{r.name} ({r.source}): tokens do not increase with step ({where}): Pred against steps")
+        return None
+    return tokens
+
+
 def _position_notes(name, positions, fits):
     """What the per-position fits and chart leave out: positions never counted, steps with too few positions."""
     loss = np.asarray(positions["loss"], dtype=np.float64)
@@ -127,6 +150,8 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     if phases:
         draw("(c) test_loss", plots.plot_test_loss(phases, out / "test_loss", formats=formats),
              _count(sum(map(len, phases.values())), "curve"))
+    elif any(k.split(":")[0] == "eval_loss" for r in runs for k in r.series):
+        notes.append("(c) test_loss skipped: the eval losses are all at step 0")
     else:
         notes.append("(c) test_loss skipped: no run logs an eval / test loss (eval_loss, eval_<set>_loss, ...)")
 
@@ -135,13 +160,14 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
         if "loss" not in r.series:
             continue
         steps, losses = _positive_steps(f"{r.name} training loss", *r.series["loss"], notes)
-        x = r.tokens("loss")[r.series["loss"][0] > 0] if r.has_tokens() else steps
+        tokens = _run_tokens(r, notes)
         reason = None
         if steps.size < MIN_PRED_POINTS:
             reason = f"{steps.size} logged points, a Pred needs at least {MIN_PRED_POINTS}"
         else:
             try:
-                (preds if r.has_tokens() else by_step)[r.name] = predict_curve(x, losses, fit_fraction)
+                (by_step if tokens is None else preds)[r.name] = predict_curve(
+                    steps if tokens is None else tokens, losses, fit_fraction)
             except ValueError as e:
                 reason = str(e)
         if reason is not None:
@@ -152,7 +178,7 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     for chart, group, xlabel in (("pred_vs_real", preds, None), ("pred_vs_real_steps", by_step, "Step")):
         if group:
             draw(chart, plots.plot_pred_vs_real(group, out / chart, xlabel=xlabel, formats=formats),
-                 _count(len(group), "run") + (", against steps: tokens unknown (give --tokens-per-step)" if xlabel else ""))
+                 _count(len(group), "run") + (", against steps: no usable token counts (give --tokens-per-step)" if xlabel else ""))
     if unpredicted:
         draw("training_loss", plots.plot_test_loss(unpredicted, out / "training_loss", ylabel="Training loss",
                                                    formats=formats), _count(sum(map(len, unpredicted.values())), "run"))
@@ -165,7 +191,7 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
             doc["predictions"][name]["x"] = "tokens" if name in preds else "steps"
             lines.append(f"  {name:>14}: {p.fit.formula()}, R^2 {p.fit.r2:.2f}, held-out mean abs error {p.mae:.3f}, "
                          f"final relative error {p.final_rel_err:+.1%}{_flag_text(p)}")
-    elif not unpredicted:
+    elif not any("loss" in r.series for r in runs):
         notes.append("pred_vs_real skipped: no run logs a training loss (loss, train_loss, ...)")
 
     weak = [f"{name} step {s}" for name, fits in doc["position_fits"].items() for s, f in fits.items() if not f["ok"]]
@@ -199,7 +225,12 @@ def grid_runs(runs, notes=None):
                              "or in a --manifest")
         if "loss" not in r.series:
             raise ValueError(f"run {r.name!r} ({r.source}): no training loss column")
-        tokens, loss = _positive_steps(r.name, r.tokens("loss"), r.series["loss"][1], notes)
+        steps, loss = _positive_steps(r.name, *r.series["loss"], notes)
+        tokens = r.tokens("loss")[r.series["loss"][0] > 0]
+        where = _increasing(tokens, steps)
+        if where is not None:
+            raise ValueError(f"run {r.name!r} ({r.source}): tokens do not increase with step ({where}); a token "
+                             "counter reset on resume? fix that column, or drop it and give --tokens-per-step")
         out.append({"N": r.meta["N"], "tokens": tokens, "loss": loss, "group": r.meta.get("group"), "name": r.name})
     return out
 
