@@ -360,7 +360,8 @@ def _demo_runs(doc, path, meta):
     for name, r, where, m in items:
         tr, ev = _key(r, "train", where), _key(r, "eval", where)
         step = _numbers(tr, "step", f"{where}.train")
-        series = {k: (step, _numbers(tr, k, f"{where}.train", length=step.size)) for k in ("loss", "ce", "kl", "tokens")}
+        series = {k: (step, _numbers(tr, k, f"{where}.train", length=step.size))
+                  for k in ("loss", "ce", "kl", "tokens")}
         ev_step = _numbers(ev, "step", f"{where}.eval")
         series["eval_loss"] = (ev_step, _numbers(ev, "ce", f"{where}.eval", length=ev_step.size))
         positions = {"step": ev_step, "loss": _numbers(ev, "position_ce", f"{where}.eval", 2, ev_step.size)}

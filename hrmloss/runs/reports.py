@@ -175,10 +175,11 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
             notes.append(f"pred_vs_real: no Pred for {r.name!r} ({reason}){drawn_in}")
             if steps.size:
                 unpredicted.setdefault(r.meta.get("phase", "training"), {})[r.name] = (steps, losses)
+    steps_why = ", against steps: no usable token counts (give --tokens-per-step)"
     for chart, group, xlabel in (("pred_vs_real", preds, None), ("pred_vs_real_steps", by_step, "Step")):
         if group:
             draw(chart, plots.plot_pred_vs_real(group, out / chart, xlabel=xlabel, formats=formats),
-                 _count(len(group), "run") + (", against steps: no usable token counts (give --tokens-per-step)" if xlabel else ""))
+                 _count(len(group), "run") + (steps_why if xlabel else ""))
     if unpredicted:
         draw("training_loss", plots.plot_test_loss(unpredicted, out / "training_loss", ylabel="Training loss",
                                                    formats=formats), _count(sum(map(len, unpredicted.values())), "run"))
