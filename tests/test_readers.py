@@ -70,13 +70,14 @@ def test_rows_newest_first_are_sorted_by_step(tmp_path):
 
 def test_a_resumed_run_keeps_the_last_value_of_a_repeated_step(tmp_path):
     # Steps 1..6 logged, the run crashed, resumed from its checkpoint at step 4: steps 5, 6 logged again.
-    first = [{"step": s, "loss": 10.0 - s} for s in range(1, 7)]
-    again = [{"step": s, "loss": 20.0 - s} for s in range(5, 9)]
+    first = [{"step": s, "loss": 10.0 - s, "ce": 9.0 - s} for s in range(1, 7)]
+    again = [{"step": s, "loss": 20.0 - s, "ce": 19.0 - s} for s in range(5, 9)]
     path = tmp_path / "resumed.jsonl"
     path.write_text(_lines([json.dumps(r) for r in first + again]))
     run = _one(path)
     assert _series(run, "loss") == ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
                                     [9.0, 8.0, 7.0, 6.0, 15.0, 14.0, 13.0, 12.0])
+    assert _series(run, "ce")[1] == [8.0, 7.0, 6.0, 5.0, 14.0, 13.0, 12.0, 11.0]
     assert run.notes == [f"{path}: 2 step(s) logged more than once (a resumed run?), the last kept: "
                          f"step 5 at {path}:5 and {path}:7, step 6 at {path}:6 and {path}:8"]
     # fit-grid takes the same series (it needs strictly increasing tokens): no refusal, the same note.

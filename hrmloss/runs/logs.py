@@ -150,16 +150,17 @@ def _in_step_order(points, disorder, repeats):
     """[(step, value, where)] in file order -> (steps, values) sorted by step, a repeated step's last kept.
 
     A resumed run logs the steps after its checkpoint again: the later values are the run that went on.
-    Out-of-order rows (newest first; a step seen before is a resume, not disorder) are recorded in `disorder`,
-    repeated steps in `repeats`
-    {step: [where, ...]}, for the run's notes.
+    Out-of-order rows (newest first; a step seen before is a resume, not disorder) are recorded in
+    `disorder`, repeated steps in `repeats` {step: [where, ...]}, for the run's notes.
     """
     last = {}
     for i, (step, value, where) in enumerate(points):
         if i and step < points[i - 1][0] and step not in last and not disorder:  # (a repeat is a resume)
             disorder.append(f"step {step:g} at {where} after step {points[i - 1][0]:g} at {points[i - 1][2]}")
         if step in last:
-            repeats.setdefault(step, [last[step][1]]).append(where)
+            seen = repeats.setdefault(step, [last[step][1]])
+            if where not in seen:  # (several series of one record: named once)
+                seen.append(where)
         last[step] = (value, where)
     steps = sorted(last)
     return np.array(steps, dtype=np.float64), [last[k][0] for k in steps]
