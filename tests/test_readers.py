@@ -274,3 +274,15 @@ def test_only_step_zero_is_said_not_called_missing(tmp_path, capsys):
     assert "(c) test_loss skipped: the eval losses are all at step 0" in text
     assert "no run logs a training loss" not in text and "every fit passed" not in text
     assert "nothing was fitted" in text and "drew nothing: no chart's data is in these logs" in text
+
+
+def test_runs_that_share_a_name_are_all_drawn(tmp_path, capsys):
+    # Two runs' checkpoint-100/trainer_state.json are both named checkpoint-100: neither may replace the other.
+    paths = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        paths.append(_trainer_state(tmp_path / run, 20, eval_sets=()))
+    assert main(["report", *map(str, paths), "--out", str(tmp_path / "out"), "--formats", "svg"]) == 0
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(doc["predictions"]) == [f"checkpoint-100 [{p}]" for p in paths]
+    assert f"{paths[0]}: run name 'checkpoint-100' is shared by 2 runs" in "\n".join(doc["notes"])

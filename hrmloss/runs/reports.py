@@ -7,6 +7,8 @@ fits one scaling law across the runs and draws (d) grid. Both write the charts, 
 scaling_law.txt), and return the paths and the text.
 """
 import json
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,20 @@ def _run_tokens(r, notes):
     return tokens
 
 
+def _distinct_names(runs, notes):
+    """Copies of runs that share a name (two checkpoint-100/trainer_state.json) renamed "<name> [<source>]",
+    so that no chart or fit drops one; said in `notes`."""
+    counts = Counter(r.name for r in runs)
+    out = []
+    for r in runs:
+        if counts[r.name] > 1:
+            notes.append(f"{r.source}: run name {r.name!r} is shared by {counts[r.name]} runs: "
+                         f"named {r.name} [{r.source}] (give PATH:name=... to choose)")
+            r = replace(r, name=f"{r.name} [{r.source}]")
+        out.append(r)
+    return out
+
+
 def _position_notes(name, positions, fits):
     """What the per-position fits and chart leave out: positions never counted, steps with too few positions."""
     loss = np.asarray(positions["loss"], dtype=np.float64)
@@ -100,6 +116,7 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, lines, notes, drawn = [], [], [note for r in runs for note in r.notes], []
+    runs = _distinct_names(runs, notes)
     doc = {"runs": [r.name for r in runs], "position_fits": {}, "predictions": {}, "flags": FLAGS}
 
     def draw(chart, written, what):
@@ -246,7 +263,7 @@ def fit_grid(runs, out, *, fit_fraction=0.5, fit_runs=None, group_factor=False, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = [note for r in runs for note in r.notes]
-    data = grid_runs(runs, notes)
+    data = grid_runs(_distinct_names(runs, notes), notes)
     law = fit_scaling_law(data, fit_fraction=fit_fraction, fit_runs=fit_runs, group_factor=group_factor)
     paths = plots.plot_grid(data, law, out / "grid", formats=formats)
     paths.append(_write(out, "scaling_law.json", law.to_dict()))
