@@ -201,8 +201,8 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
         draw("training_loss", plots.plot_test_loss(unpredicted, out / "training_loss", ylabel="Training loss",
                                                    formats=formats), _count(sum(map(len, unpredicted.values())), "run"))
     if preds or by_step:
-        lines.append(f"Pred vs Real: L(D) = E + B * D^-beta fitted on 5% to {fit_fraction:.0%} of the tokens "
-                     "(of the steps where tokens are unknown):")
+        of = "the tokens" if not by_step else "the steps" if not preds else "the tokens (the steps where unknown)"
+        lines.append(f"Pred vs Real: L(D) = E + B * D^-beta fitted on 5% to {fit_fraction:.0%} of {of}:")
         for name, p in (preds | by_step).items():
             d = p.to_dict()
             doc["predictions"][name] = {k: d[k] for k in ("fit", "ok", "flags", "mae", "final_rel_err", "extrapolation")}
