@@ -120,7 +120,10 @@ def test_report_says_what_it_could_not_draw(tmp_path, capsys):
     assert main(["report", str(path), "--out", str(tmp_path / "out"), "--formats", "png"]) == 0
     text = (tmp_path / "out" / "report.txt").read_text()
     assert "(b) position_loss skipped: these logs hold no per-position losses" in text
-    assert "(a) hrm_sweep skipped" in text and "pred_vs_real skips 'plain'" in text
+    assert "(a) hrm_sweep skipped" in text
+    # Tokens unknown (no tokens column, no --tokens-per-step): Pred against steps, and said so (issue 23 item 6).
+    assert "pred_vs_real_steps (1 run, against steps: no usable token counts (give --tokens-per-step))" in text
+    assert (tmp_path / "out" / "pred_vs_real_steps.png").stat().st_size > 1000
     assert not (tmp_path / "out" / "position_loss.png").exists()
 
 

@@ -103,8 +103,10 @@ def _parser():
 
     rep = sub.add_parser("report", help="charts (a) KL/CE per hrm, (b) per-token loss, (c) test loss, Pred vs Real",
                          description="Reads the logs and draws what they hold: (a) hrm_sweep (runs logging kl and "
-                                     "ce), (b) position_loss (per-position losses), (c) test_loss (eval loss, a "
-                                     "panel per phase), pred_vs_real; report.json and report.txt.")
+                                     "ce), (b) position_loss (per-position losses), (c) test_loss (every eval loss "
+                                     "and eval_<set>_loss, a panel per phase), pred_vs_real (pred_vs_real_steps "
+                                     "when tokens are unknown; training_loss for runs without a Pred); "
+                                     "report.json and report.txt, which say what was not drawn and why.")
     _logs_arguments(rep, "hrmloss-report", "the charts, report.json and report.txt")
     rep.add_argument("--fit-fraction", type=_FRACTION, default=0.4,
                      help="share of each run's tokens the Pred curves are fitted on (default: %(default)s)")

@@ -78,20 +78,55 @@ def check_exponent_range(name, bounds):
     return lo, hi
 
 
-def host_curve(x, y, min_points):
-    """Validate a curve: 1-D, same length, finite, x > 0, at least `min_points` points."""
-    x, y = (np.asarray(v, dtype=np.float64) for v in (x, y))
+def host_array(v, name):
+    """`v` as a float64 numpy array, or TypeError naming `name` (strings, None, objects are not numbers)."""
+    try:
+        arr = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected numbers, got {_not_a_number(v)}") from None
+    return arr
+
+
+def _not_a_number(v):
+    """The first element of `v` that float() refuses, as `type value` (or v's type when not a sequence)."""
+    try:
+        items = np.asarray(v, dtype=object).ravel()
+    except (TypeError, ValueError):
+        return type(v).__name__
+    for i, item in enumerate(items):
+        try:
+            float(item)
+        except (TypeError, ValueError):
+            return f"{type(item).__name__} {item!r:.40} at [{i}]"
+    return type(v).__name__
+
+
+def host_curve(x, y, min_points, names=("x", "y")):
+    """Validate a curve: numbers, 1-D, same length, finite, x > 0, at least `min_points` points.
+
+    `names` are the arguments' names for the errors (e.g. ("steps_or_tokens", "losses")).
+    """
+    nx, ny = names
+    x, y = host_array(x, nx), host_array(y, ny)
     if x.ndim != 1 or y.ndim != 1:
-        raise ValueError(f"x.shape={x.shape}, y.shape={y.shape}: expected 1-D arrays")
+        raise ValueError(f"{nx}.shape={x.shape}, {ny}.shape={y.shape}: expected 1-D arrays")
     if x.shape != y.shape:
-        raise ValueError(f"x.shape={x.shape}, y.shape={y.shape}: expected the same length")
+        raise ValueError(f"{nx}.shape={x.shape}, {ny}.shape={y.shape}: expected the same length")
     if x.size < min_points:
         raise ValueError(f"{x.size} points: expected at least {min_points} (one per fitted parameter)")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("x, y: expected finite values (found NaN or inf)")
+    for name, v in ((nx, x), (ny, y)):
+        if not np.isfinite(v).all():
+            i = int(np.argmin(np.isfinite(v)))
+            raise ValueError(f"{name}: expected finite values (found {v[i]} at [{i}])")
     if (x <= 0).any():
-        raise ValueError(f"x: expected x > 0 (min is {x.min()})")
+        raise ValueError(f"{nx}: expected {nx} > 0 (min is {x.min()})")
     return x, y
+
+
+def check_spread(x, name):
+    """A power law of x needs at least two distinct x: with one, a and b are not separable."""
+    if x.size and x.min() == x.max():
+        raise ValueError(f"{name}: all values equal ({x[0]:g}): expected at least two distinct values")
 
 
 def _num(v):
@@ -224,7 +259,7 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
     `at_bound:<p>`, and the fit is not `ok` (see `FLAGS` for every code).
 
     Args:
-        x: (n,) positive, finite (token index, step, tokens...). y: (n,) finite. n >= 3.
+        x: (n,) positive, finite, not all equal (token index, step, tokens...). y: (n,) finite. n >= 3.
         var: the variable name used by `PowerLawFit.formula`.
         c_bounds: (lo, hi) with 0 <= lo < hi, the allowed exponent range.
         nonnegative: bound a and b to >= 0 (False: free signs).
@@ -237,12 +272,16 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
 
     opt = require("scipy.optimize", "fit_power_law")
     x, y = host_curve(x, y, 3)
+    check_spread(x, "x")
     lo, hi = check_exponent_range("c_bounds", c_bounds)
     min_r2 = check_min_r2(min_r2)
     floor = 0.0 if nonnegative else -np.inf
-    # Work on u = x / x_max so that u**-c stays O(1) whatever the units; b is rescaled at the end.
+    # Work on u = x / x_max so that u**-c stays O(1) whatever the units, and on v = y / max|y| so that
+    # squared residuals cannot overflow (y ~ 1e300) or vanish (y ~ 1e-300); a, b are rescaled at the end.
     scale = x.max()
     u = x / scale
+    y_scale = float(np.abs(y).max()) or 1.0
+    y = y / y_scale
 
     def design(c):
         return np.stack([np.ones_like(u), u ** -c], axis=1)
@@ -263,16 +302,20 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
     a, b_u, c = sol.x
     ssr = float(np.sum(sol.fun ** 2))
     dof = x.size - 3
-    # u**-c = x**-c * scale**c, so in the units of x: b = b_u * k with k = scale**c. The covariance
-    # follows by the delta method, cov = G cov_u G^T with G the Jacobian of (a, b_u, c) -> (a, b, c).
+    # u**-c = x**-c * scale**c, so in the units of x and y: a = a_v * y_scale, b = b_u * k * y_scale with
+    # k = scale**c. The covariance follows by the delta method, cov = D G cov_u G^T D with G the Jacobian
+    # of (a, b_u, c) -> (a / y_scale, b / y_scale, c) and D = diag(y_scale, y_scale, 1); the errors are
+    # taken before D so that they stay finite where cov itself overflows (y ~ 1e300).
     k = scale ** c
     g = np.array([[1.0, 0.0, 0.0], [0.0, k, b_u * k * np.log(scale)], [0.0, 0.0, 1.0]])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cov = g @ np.linalg.pinv(sol.jac.T @ sol.jac) @ g.T * (ssr / dof if dof > 0 else np.nan)
-    err = np.sqrt(np.abs(np.diag(cov)))
+    d = np.array([y_scale, y_scale, 1.0])
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        cov_v = g @ np.linalg.pinv(sol.jac.T @ sol.jac) @ g.T * (ssr / dof if dof > 0 else np.nan)
+        cov = cov_v * np.outer(d, d)
+    err = np.sqrt(np.abs(np.diag(cov_v))) * d
     sst = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - ssr / sst if sst > 0 else float("nan")
-    values = (float(a), float(b_u * k), float(c))
+    values = (float(a * y_scale), float(b_u * k * y_scale), float(c))
     flags = quality_flags("abc", values, err, sol.active_mask != 0, r2, x.size, min_r2)
     if sol.status <= 0:
         flags.append("not_converged")
@@ -337,7 +380,7 @@ def predict_curve(steps_or_tokens, losses, fit_fraction=0.3, *, skip_fraction=SK
     least 3 of them) and `fit_power_law`; the prediction is compared with what happened after them.
 
     Args:
-        steps_or_tokens: (n,) positive, finite, increasing. losses: (n,) finite.
+        steps_or_tokens: (n,) positive, finite, strictly increasing (else ValueError). losses: (n,) finite.
         fit_fraction: 0 < fit_fraction < 1, the share of the D range up to which the fit goes.
         skip_fraction: 0 <= skip_fraction < fit_fraction, the share left out at the start (`SKIP_FRACTION`).
         beta_bounds: the allowed exponent range. min_r2: see `fit_power_law`.
@@ -346,7 +389,12 @@ def predict_curve(steps_or_tokens, losses, fit_fraction=0.3, *, skip_fraction=SK
     Returns:
         CurvePrediction; the fit's parameters are (a, b, c) = (E, B, beta).
     """
-    x, y = host_curve(steps_or_tokens, losses, 4)
+    x, y = host_curve(steps_or_tokens, losses, 4, names=("steps_or_tokens", "losses"))
+    check_spread(x, "steps_or_tokens")
+    if (np.diff(x) <= 0).any():
+        i = int(np.argmax(np.diff(x) <= 0)) + 1
+        raise ValueError(f"steps_or_tokens: expected increasing values; [{i}] = {x[i]:g} after [{i - 1}] = "
+                         f"{x[i - 1]:g} (sort a log by step, see hrmloss.read_runs)")
     fit_fraction = check_fraction("fit_fraction", fit_fraction)
     skip_fraction = check_skip(skip_fraction, fit_fraction)
     after = x > fit_fraction * x.max()

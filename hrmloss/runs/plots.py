@@ -65,6 +65,18 @@ def _si(n):
     return f"{n:.3g}"
 
 
+def ranges(values):
+    """Sorted integers as runs for a label: [1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10"."""
+    values = [int(v) for v in np.sort(np.asarray(values).ravel())]
+    runs, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            runs.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(runs)
+
+
 def _token_unit(max_tokens):
     """(divisor, axis label) for tokens trained: billions, millions or thousands, whichever reads."""
     for scale, word in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
@@ -202,6 +214,9 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
                     weak.setdefault(f.flags, []).append(f"{step:g}")
             for flags, at in weak.items():
                 ax.plot([], [], label=f"step{'s' * (len(at) > 1)} {', '.join(at)}: no fit ({', '.join(flags)})", **WEAK)
+            empty = np.flatnonzero(~np.isfinite(curves).any(axis=0))
+            if empty.size:  # never counted (a prompt mask, labels starting with -100): nothing to draw there
+                ax.plot([], [], ls="none", label=f"no data at T = {ranges(pos[empty])}: not drawn, not fitted")
             ax.set_xscale("log")
             ax.set_xlabel("Token index T")
             ax.set_ylabel("Test loss at position T")
@@ -269,7 +284,7 @@ def _pred_panel(ax, x, y, pred, lo, hi, fit_range, ok, reason, window, unit):
     ax.set_ylim(lo_y - pad, min(hi_y, sy.max()) + pad)
 
 
-def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, formats=FORMATS):
+def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, xlabel=None, formats=FORMATS):
     """"Real" total loss against tokens trained and "Pred", one curve prediction per run.
 
     Pred is `predict_curve` (L(D) = E + B * D^-beta on 5 % to fit_fraction of max D, shaded), drawn over
@@ -277,11 +292,13 @@ def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, formats=FORM
 
     Args:
         runs: {name: (tokens (n,), losses (n,))}, tokens > 0; or {name: CurvePrediction} already made.
+        xlabel: None (x is tokens trained, scaled to thousands, millions...), or the label of an x drawn
+            as it is (e.g. "Step", for runs whose tokens are unknown).
     """
     if not runs:
         raise ValueError("runs: expected at least one run")
     preds = {name: v if isinstance(v, CurvePrediction) else predict_curve(*v, fit_fraction) for name, v in runs.items()}
-    unit, xlabel = _token_unit(max(p.x.max() for p in preds.values()))
+    unit, xlabel = _token_unit(max(p.x.max() for p in preds.values())) if xlabel is None else (1.0, xlabel)
     written = []
     with _chart(path, 1, len(preds), 3.4, 3.0, formats, written) as (fig, axes):
         for ax, (name, p) in zip(axes[0], preds.items()):

@@ -84,5 +84,21 @@ class PositionLoss:
             out["loss"] = out["ce"] + float(hrm) * out["kl"]
         return out
 
+    def curve(self, key="ce", hrm=None):
+        """(positions, means) over the positions with data only, ready for `fit_power_law`.
+
+        positions: the 1-based token indices T with at least one counted token; means: `compute(hrm)[key]`
+        there. Positions never counted (a prompt mask, labels that start with -100) have no mean (NaN in
+        `compute`) and are left out; `compute()["count"] == 0` says which they are. key: "ce", "kl", or
+        "loss" (needs hrm).
+        """
+        if key not in ("ce", "kl", "loss"):
+            raise ValueError(f"key={key!r}: expected 'ce', 'kl' or 'loss'")
+        if key == "loss" and hrm is None:
+            raise ValueError("key='loss': expected hrm (loss = ce + hrm * kl)")
+        out = self.compute(hrm)
+        seen = out["count"] > 0
+        return np.flatnonzero(seen).astype(np.float64) + 1, out[key][seen]
+
     def reset(self):
         self.ce_sum = self.kl_sum = self.count = None
