@@ -98,7 +98,7 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
     """
     p = prepare_logits(locals())
     rows = HRMLossFunction.apply(logits, p.ref, p.labels, p.call.params, p.call.st, p.call.backend, p.shard, p.topk,
-                                 p.weights)
+                                 p.weights, p.call.num_items)
     return finish(p, *rows, labels)
 
 

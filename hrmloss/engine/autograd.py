@@ -2,6 +2,7 @@
 import torch
 
 from . import ops, sparse
+from .reduce import num_items_to_check
 from .stats import finalize
 from .layout import KINDS, PARAMS, PARTIAL
 
@@ -17,20 +18,23 @@ def _ref_or_stand_in(logits, ref_logits):
     return ref_logits if ref_logits is not None else logits.new_empty((*logits.shape[:-1], 1))
 
 
-def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None):
+def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None,
+                 num_items=None):
     """Per-row loss, ce, kl, z, the (N, FINAL) final statistics and, for a sparse teacher, the (N, K)
     correction of the gradient at its ids (else None), from the backend's passes.
 
     ref_logits: (..., V_ref) dense reference (V_ref < V with st.cut), or None with `topk` (a sparse
     teacher, `sparse.TopK`). shard: None, or a `distributed.VocabShard` when logits hold one vocabulary
     shard: its merges turn this shard's statistics into those of the whole vocabulary
-    (hrmloss/engine/distributed.py). token_weights: only checked here (the front end applies them).
+    (hrmloss/engine/distributed.py). token_weights, num_items: only checked here (the front end applies
+    them; `reduce.num_items_to_check`).
     """
     start, V = vocab_range(logits, shard)
     structure = [int(x) for x in st]
     t = _ref_or_stand_in(logits, ref_logits)
     ids, lps = topk if topk is not None else (None, None)
-    partial = ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights)
+    partial = ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights,
+                            num_items_to_check(num_items))
     if shard is not None:
         partial = shard.merge_stats(partial)
     jsd, topk_kl, corr = None, None, None
@@ -75,7 +79,7 @@ def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_r
 
 class HRMLossFunction(torch.autograd.Function):
     """(logits (..., V), ref_logits (..., V_ref) or None, labels (N,) flat, params, Structure, backend, shard,
-    topk, token_weights) -> per-row loss, ce, kl, z (N,).
+    topk, token_weights, num_items) -> per-row loss, ce, kl, z (N,).
 
     ce, kl and z are not differentiable. The gradient goes to logits, and to ref_logits when it
     requires grad (computed in the same backward pass; no extra traffic otherwise). With a `shard`
@@ -85,9 +89,10 @@ class HRMLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None):
+    def forward(ctx, logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None,
+                num_items=None):
         loss, ce, kl, z, final, corr = forward_rows(logits, ref_logits, labels, params, st, backend, shard, topk,
-                                                    token_weights)
+                                                    token_weights, num_items)
         ctx.save_for_backward(logits, ref_logits, labels, final, params, corr,
                               *(topk if topk is not None else ()))
         ctx.st, ctx.backend, ctx.vocab_range = st, backend, vocab_range(logits, shard)
@@ -100,4 +105,4 @@ class HRMLossFunction(torch.autograd.Function):
         st = ctx.st._replace(inplace=ctx.st.inplace and ctx.needs_input_grad[0])
         ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, st, ctx.backend,
                            ctx.vocab_range, ctx.needs_input_grad[1], sparse.TopK(*topk) if topk else None, corr)
-        return ds, dt, None, None, None, None, None, None, None
+        return ds, dt, None, None, None, None, None, None, None, None

@@ -73,7 +73,7 @@ def make_call(options, device, dtypes, *, return_components=False, num_items=Non
         opts.check_topk()
     checks.check_bool("return_components", return_components)
     checks.check_bool("check_finite", check_finite)
-    checks.check_num_items(num_items, opts.reduction)
+    checks.check_num_items(num_items, opts.reduction, device)
     checks.check_option_devices(opts, device)
     backend = backends.resolve(opts.backend, device)
     backends.check_dtypes(backend, *dtypes)
@@ -129,7 +129,7 @@ def prepare_linear(args):
     chunk plan (chunked.make_plan)."""
     hidden, weight, labels = args["hidden"], args["weight"], args["labels"]
     checks.check_chunking(args["chunk_size"], args["chunk_bytes"])
-    mixed = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
+    mixed = isinstance(hidden, torch.Tensor) and chunked.autocast_enabled(hidden.device.type)
     has_topk = args["ref_topk"] is not None
     checks.check_linear(hidden, weight, labels, args["bias"], args["ref_logits"], args["ref_hidden"],
                         args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed)
