@@ -220,3 +220,101 @@ def test_grad_acc_dtype_refused_at_construction(bad, exc):
         hrmloss.linear_hrm_loss(h, w, y, ref_logits=t, grad_acc_dtype=bad)
     for ok in (None, torch.float32, torch.bfloat16):
         hrmloss.LinearHRMLoss(grad_acc_dtype=ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. a counted dense row of all -inf: no mass, no common support (design.md §1)
+
+
+def _no_support_kl(kl, beta):
+    return INF if kl != "jsd" else -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
+def test_reference_row_all_minus_inf(backend, kl):
+    s, t, y = make((4, 10))
+    t[1] = -INF
+    beta = 0.3
+    s.requires_grad_()
+    out = hrmloss.hrm_loss(s, t, y, backend=backend, kl=kl, beta=beta, reduction="none", return_components=True)
+    out.loss.sum().backward()
+    assert out.kl[1].item() == pytest.approx(_no_support_kl(kl, beta), rel=1e-6)
+    # the other rows and the CE of row 1 as the float64 oracle; row 1's gradient is the CE's alone
+    keep = torch.tensor([0, 2, 3])
+    want = reference_loss(s[keep], t[keep], y[keep], kl=kl, beta=beta, reduction="none")
+    for got, ref in zip(out, want):
+        torch.testing.assert_close(got[keep].double(), ref, rtol=1e-5, atol=1e-6)
+    s64 = s.detach()[1].double().requires_grad_()
+    ce = torch.nn.functional.cross_entropy(s64, y[1])
+    ce.backward()
+    torch.testing.assert_close(out.ce[1].double(), ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad[1].double(), s64.grad, rtol=1e-5, atol=1e-6)
+    # linear_hrm_loss: the same row value
+    h, w, t2, y2 = linear_case()
+    t2[1] = -INF
+    got = hrmloss.linear_hrm_loss(h, w, y2, ref_logits=t2, backend=backend, kl=kl, beta=beta, reduction="none",
+                                  return_components=True)
+    assert got.kl[1].item() == pytest.approx(_no_support_kl(kl, beta), rel=1e-6)
+    assert torch.isfinite(got.ce).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
+def test_student_row_all_minus_inf(backend, kl):
+    s, t, y = make((4, 10))
+    s[2] = -INF
+    s.requires_grad_()
+    t.requires_grad_()
+    out = hrmloss.hrm_loss(s, t, y, backend=backend, kl=kl, label_smoothing=0.1, z_loss=1e-3, reduction="none",
+                           return_components=True)
+    (out.loss[[0, 1, 3]].sum() + out.loss[2].clamp(max=0)).backward()
+    # the label has probability 0: ce +inf; no common support: kl as above; no gradient anywhere in the row
+    assert out.ce[2].item() == INF and out.z[2].item() == INF
+    assert out.kl[2].item() == pytest.approx(_no_support_kl(kl, 0.5), rel=1e-6)
+    assert (s.grad[2] == 0).all() and (t.grad[2] == 0).all()
+    assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
+    with pytest.raises(ValueError, match=r"check_finite: ce is \+inf at row 2 .*probability is 0"):
+        hrmloss.hrm_loss(s, t, y, backend=backend, kl=kl, check_finite=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_finite_names_an_infinite_divergence(backend):
+    s, t, y = make((4, 10))
+    t[3, 5] = -INF  # finite student, reference 0 there: reverse KL +inf (the right value)
+    assert hrmloss.hrm_loss(s, t, y, backend=backend, kl="reverse", reduction="none")[3].item() == INF
+    with pytest.raises(ValueError, match=r"check_finite: kl is \+inf at row 3 .*one distribution is 0"):
+        hrmloss.hrm_loss(s, t, y, backend=backend, kl="reverse", check_finite=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. logits near fp32's range
+
+
+def _near_or_inf(x, r, overflows, what):
+    """x (fp32) is r (float64) to within the rounding of logits near 3e38 (ulp ~ 2e31), or +inf where r is
+    beyond ~1e37 or in a row whose statistics may overflow fp32 (`overflows`)."""
+    ok = ((x.double() - r).abs() <= 1e32 + 1e-6 * r.abs()) | ((x == INF) & ((r > 1e37) | overflows))
+    assert ok.all(), (what, x, r)
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("kw", [{}, dict(temperature=2.0), dict(z_loss=1e-4)], ids=["T1", "T2", "z"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_logits_near_the_fp32_range_never_give_minus_inf_or_nan(kl, kw, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = 3e38
+    s = (torch.randint(0, 2, (6, 8), generator=g) * 2 - 1).float() * B
+    t = (torch.randint(0, 2, (6, 8), generator=g) * 2 - 1).float() * B
+    s[0], t[1], s[2] = B, -B, torch.tensor([B, -B, 0, 0, 1, 2, 3, 4])
+    y = torch.randint(0, 8, (6,), generator=g)
+    outs = [hrmloss.hrm_loss(s, t, y, backend=b, kl=kl, reduction="none", return_components=True, **kw)
+            for b in BACKENDS]
+    ref = reference_loss(s, t, y, kl=kl, reduction="none", **kw)
+    T = kw.get("temperature", 1.0)
+    # the documented limit: a row whose sum over V of log-ratios |s - t| / T may overflow fp32
+    overflows = ((s.double() - t.double()).abs() / T > torch.finfo(torch.float32).max / s.shape[-1]).any(-1)
+    for backend, got in zip(BACKENDS, outs):
+        for name, x, r in zip(("loss", "ce", "kl", "z"), got, ref):
+            assert not (x.isnan() | (x == -INF)).any(), (backend, name, x)
+            _near_or_inf(x, r, overflows, (backend, name))

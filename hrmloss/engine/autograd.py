@@ -4,7 +4,7 @@ import torch
 from . import ops, sparse
 from .reduce import num_items_to_check
 from .stats import finalize
-from .layout import KINDS, PARAMS, PARTIAL
+from .layout import FINAL, KINDS, PARAMS, PARTIAL
 
 
 def vocab_range(logits, shard):
@@ -61,7 +61,8 @@ def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_r
     With st.inplace the first is `logits` itself, overwritten by its gradient. A sparse teacher (`topk`,
     its (N, K) `corr` from the forward) adds its term at the ids (`sparse.add_correction`)."""
     t = _ref_or_stand_in(logits, ref_logits)
-    g = g.to(final.dtype).contiguous()
+    # a student row of all -inf logits (lse_s = -inf): probability 0 everywhere, gradient 0 (its loss is +inf)
+    g = torch.where(final[:, FINAL.lse_s] == -float("inf"), 0.0, g.to(final.dtype)).contiguous()
     at_ids = None
     if topk is not None and not st.hrm_zero:  # read before an in-place backward overwrites the logits
         at_ids = sparse.student_at_ids(logits, topk.ids, params, st, vocab_range_[0])

@@ -147,14 +147,28 @@ def prepare_linear(args):
     return Prepared(call, flat, None, topk, weights, shard, plan)
 
 
+# check_finite's cause of each non-finite value, by component and kind of value
+_CAUSES = {
+    ("ce", "NaN"): "logits contain NaN or +inf in that row",
+    ("kl", "NaN"): "logits or ref_logits contain NaN or +inf in that row",
+    ("ce", "+inf"): "the label's probability is 0 (its logit is -inf, the row's logits are all -inf, or they "
+                    "overflow float32)",
+    ("kl", "+inf"): "one distribution is 0 where the other is not (-inf in one of logits / ref_logits only, an "
+                    "all -inf row, or logits that overflow float32)",
+    ("ce", "-inf"): "the logits overflow float32", ("kl", "-inf"): "the logits overflow float32",
+}
+
+
 def _check_finite(ce, kl, live):
-    """check_finite=True: NaN in a counted row's ce or kl means NaN (or +inf) in that row's inputs (syncs)."""
-    for name, x, culprit in (("ce", ce, "logits"), ("kl", kl, "logits or ref_logits")):
-        bad = torch.isnan(x) & live
+    """check_finite=True: ValueError naming the first counted row whose ce or kl is not finite, and why (syncs)."""
+    for name, x in (("ce", ce), ("kl", kl)):
+        bad = ~torch.isfinite(x) & live
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"check_finite: {name} is NaN at row {row} (flat token index): {culprit} "
-                             "contains NaN or +inf in that row")
+            value = x[row].item()
+            kind = "NaN" if value != value else "+inf" if value > 0 else "-inf"
+            raise ValueError(f"check_finite: {name} is {kind} at row {row} (flat token index): "
+                             f"{_CAUSES[name, kind]}")
 
 
 def finish(prepared, loss, ce, kl, z, labels):
