@@ -298,9 +298,11 @@ def _near_or_inf(x, r, overflows, what):
     assert ok.all(), (what, x, r)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
-@pytest.mark.parametrize("kw", [{}, dict(temperature=2.0), dict(z_loss=1e-4)], ids=["T1", "T2", "z"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kw,seed", [({}, 0), (dict(temperature=2.0), 1), (dict(z_loss=1e-4), 2)],
+                         ids=["T1", "T2", "z"])
 def test_logits_near_the_fp32_range_never_give_minus_inf_or_nan(kl, kw, seed):
     g = torch.Generator().manual_seed(seed)
     B = 3e38
