@@ -1,8 +1,9 @@
 """The argument checks of every entry point: types, shapes, dtypes and devices, before any pass runs.
 
 Each raises a ValueError / TypeError naming the argument, its value and what was expected. The checks that
-read tensor data (labels, tensor-valued options, a sparse teacher's ids, token weights) are not here: they
-run inside the first pass (ops.row_stats), a ValueError on the CPU and a device-side assert on CUDA.
+read tensor data (labels, tensor-valued options, a sparse teacher's ids, token weights, num_items) are not
+here: they run inside the first pass (ops.row_stats), a ValueError on the CPU and a device-side assert on
+CUDA. docs/design.md §4 tabulates what is checked where.
 """
 import numbers
 

@@ -44,7 +44,7 @@ class Call(NamedTuple):
     st: Structure              # what the passes compile for
     backend: str               # resolved: "torch" or "triton"
     params: torch.Tensor       # the runtime scalars on the device (layout.PARAMS)
-    num_items: object          # None, an int or a 0-dim tensor: the denominator of "mean"
+    num_items: object          # None, a number or a 0-dim tensor: the denominator of "mean"
     return_components: bool
     check_finite: bool
 
