@@ -80,7 +80,7 @@ def check_num_items(num_items, counted):
         in_range = num_items >= 0
     _fail(in_range, f"num_items (a tensor): expected {NUM_ITEMS_RANGE.text}",
           lambda bad: f"found {num_items.item()!r}")
-    none_counted = (num_items != 0).to(counted.device) | ~counted.any()
+    none_counted = ~counted.any() | (num_items != 0)  # a CPU num_items enters a CUDA op as a host scalar
     _fail(none_counted, "num_items=0 with counted tokens: expected num_items > 0 (0 is for a batch in which no "
           "token counts, whose mean is then 0)", lambda bad: f"{int(counted.sum())} counted in these rows")
 
