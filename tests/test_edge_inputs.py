@@ -320,3 +320,23 @@ def test_logits_near_the_fp32_range_never_give_minus_inf_or_nan(kl, kw, seed):
         for name, x, r in zip(("loss", "ce", "kl", "z"), got, ref):
             assert not (x.isnan() | (x == -INF)).any(), (backend, name, x)
             _near_or_inf(x, r, overflows, (backend, name))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,kl", [("renorm", "forward"), ("renorm", "jsd"), ("tail", "reverse")])
+def test_student_row_all_minus_inf_with_a_sparse_teacher(backend, mode, kl):
+    s, _, y = make((3, 10))
+    s[1] = -INF
+    s.requires_grad_()
+    ids = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i))[:3] for i in range(3)])
+    lps = torch.log_softmax(torch.randn(3, 3, generator=torch.Generator().manual_seed(9)), -1) - 0.3
+    out = hrmloss.hrm_loss(s, None, y, backend=backend, ref_topk=(ids, lps), topk_mode=mode, kl=kl,
+                           reduction="none", return_components=True)
+    out.loss.sum().backward()
+    assert out.ce[1].item() == INF
+    assert out.kl[1].item() == pytest.approx(_no_support_kl(kl, 0.5), rel=1e-6)
+    assert (s.grad[1] == 0).all() and torch.isfinite(s.grad).all()
+    want = reference_loss(s[[0, 2]], None, y[[0, 2]], ref_topk=(ids[[0, 2]], lps[[0, 2]]), topk_mode=mode, kl=kl,
+                          reduction="none")
+    for got, ref in zip(out, want):
+        torch.testing.assert_close(got[[0, 2]].double(), ref, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ whose weight is 0 contributes 0 even where its factor is infinite (hrm = 0 with 
 import torch
 
 from .layout import FINAL, JSD, KINDS, PARAMS, PARTIAL, PARTIAL_MERGE
-from .maths import weigh
+from .maths import no_support_divergence, weigh
 
 INF = float("inf")
 # the partial columns by how they merge (layout.PARTIAL_MERGE): log-sum-exp, plain sums, and expectations
@@ -96,10 +96,10 @@ def finalize(partial, jsd_sums, labels, params, st, vocab_size, topk_kl=None):
         # a row of all -inf logits (lse = -inf: no mass) shares no support with the other distribution:
         # KL +inf either way, JSD its maximum -b log b - (1 - b) log(1 - b) (design.md §1)
         empty = disjoint(p["lse_u"], p["lse_w"])
-        jsd = st.kind == KINDS.jsd
-        kl_p = torch.where(empty, -torch.log(beta) if jsd else INF, kl_p)
-        kl_q = torch.where(empty, -torch.log1p(-beta) if jsd else INF, kl_q)
-        kl = beta * kl_p + (1.0 - beta) * kl_q if jsd else kl_p if st.kind == KINDS.forward else kl_q
+        value = no_support_divergence(st.kind == KINDS.jsd, beta)  # kl_p = kl_q = it: so is JSD's mixture
+        kl_p, kl_q = (torch.where(empty, value, x) for x in (kl_p, kl_q))
+        kl = beta * kl_p + (1.0 - beta) * kl_q if st.kind == KINDS.jsd else kl_p if st.kind == KINDS.forward \
+            else kl_q
     live = labels != st.ignore_index
     zero = partial.new_zeros(())
     nll = p["lse_s"] - p["s_y"]
