@@ -54,7 +54,10 @@ FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float3
 def as_float32(x):
     """A Python number rounded to float32 as a cast would (to nearest, ties to even): inf beyond float32's
     range, 0 below half its smallest subnormal. Plain Python arithmetic, so that torch.compile traces it."""
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:  # an int beyond float64
+        return math.inf if x > 0 else -math.inf
     if not math.isfinite(x) or x == 0:
         return x
     # float32 keeps 24 significant bits (math.frexp: x = m 2^e, 0.5 <= |m| < 1), down to the
@@ -82,7 +85,7 @@ def _check_value(name, value, rng):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r}: expected a real number or a 0-dim float tensor, "
                         f"got {type(value).__name__}")
-    value = float(value)
+    value = as_float32(value) if isinstance(value, numbers.Integral) and abs(value) > 2 ** 128 else float(value)
     # (inside a torch.compile region dynamo may trace the number symbolically: the float64 check only)
     as_seen = value if torch.compiler.is_compiling() else as_float32(value)
     if not (rng.holds(value) and rng.holds(as_seen)):
