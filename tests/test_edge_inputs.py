@@ -138,9 +138,12 @@ def test_topk_counted_row_all_minus_inf(backend):
     ids = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i))[:3] for i in range(4)])
     lps = torch.log_softmax(torch.randn(4, 3), -1) - 0.5
     lps[2] = -INF
-    for call, row in zip(both_entry_points(backend, s, None, y, ref_topk=(ids, lps)), ("row 2", "row")):
-        with pytest.raises(ValueError, match="ref_topk logprobs: a counted row is all -inf.*" + row):
-            call()  # (linear_hrm_loss: the row within its chunk)
+    for call in both_entry_points(backend, s, None, y, ref_topk=(ids, lps)):
+        with pytest.raises(ValueError, match="ref_topk logprobs: a counted row is all -inf.*row 2 "):
+            call()
+    h, w, _, _ = linear_case()
+    with pytest.raises(ValueError, match="ref_topk logprobs: a counted row is all -inf.*row 2 "):
+        hrmloss.linear_hrm_loss(h, w, y, ref_topk=(ids, lps), backend=backend, chunk_size=1)  # the flat row
     y2 = y.clone()
     y2[2] = -100  # an ignored row is never read
     got = hrmloss.hrm_loss(s, None, y2, backend=backend, ref_topk=(ids, lps), reduction="none")

@@ -19,7 +19,7 @@ def _ref_or_stand_in(logits, ref_logits):
 
 
 def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None,
-                 num_items=None):
+                 num_items=None, first_row=0):
     """Per-row loss, ce, kl, z, the (N, FINAL) final statistics and, for a sparse teacher, the (N, K)
     correction of the gradient at its ids (else None), from the backend's passes.
 
@@ -27,14 +27,14 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, to
     teacher, `sparse.TopK`). shard: None, or a `distributed.VocabShard` when logits hold one vocabulary
     shard: its merges turn this shard's statistics into those of the whole vocabulary
     (hrmloss/engine/distributed.py). token_weights, num_items: only checked here (the front end applies
-    them; `reduce.num_items_to_check`).
+    them; `reduce.num_items_to_check`). first_row: the flat index of the first row (a chunk), for messages.
     """
     start, V = vocab_range(logits, shard)
     structure = [int(x) for x in st]
     t = _ref_or_stand_in(logits, ref_logits)
     ids, lps = topk if topk is not None else (None, None)
     partial = ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights,
-                            num_items_to_check(num_items))
+                            num_items_to_check(num_items), first_row)
     if shard is not None:
         partial = shard.merge_stats(partial)
     jsd, topk_kl, corr = None, None, None

@@ -253,7 +253,7 @@ def _forward_chunk(ops, plan, k, rows, g, grads):
     y = ops.labels[r0:r1]
     topk = sparse.chunk_rows(ops.topk, r0, r1)
     weights = None if ops.weights is None else ops.weights[r0:r1]
-    out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard, topk, weights, call.num_items)
+    out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard, topk, weights, call.num_items, r0)
     for buf, x in zip(rows, out):
         buf[r0:r1] = x
     if g is not None:
