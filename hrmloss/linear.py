@@ -194,8 +194,9 @@ class LinearHRMLoss(LossModule):
 
     def __init__(self, hrm=1.0, **options):
         super().__init__(linear_hrm_loss, {"hrm": hrm, **options}, per_call=_TENSOR_KEYWORDS + ("num_items",))
-        from .engine.checks import check_chunking
+        from .engine.checks import check_chunking, check_grad_acc_dtype
         check_chunking(options.get("chunk_size"), options.get("chunk_bytes"))
+        check_grad_acc_dtype(options.get("grad_acc_dtype"))
 
     def forward(self, hidden, weight, labels, *, bias=None, ref_logits=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, num_items=None, ref_topk=None, token_weights=None):

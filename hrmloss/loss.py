@@ -33,7 +33,8 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         hrm: weight of the divergence, finite and >= 0: a number or a 0-dim float tensor (see "Values").
         kl: "forward", "reverse" or "jsd".
         beta: the mixture weight of "jsd", 0 < beta < 1 (checked, unused by the other kinds). A value.
-        temperature: T > 0, applied to the divergence only (no T^2 factor). A value.
+        temperature: T > 0 (at least the smallest normal float32, ~1.18e-38), applied to the divergence
+            only (no T^2 factor). A value.
         ignore_index: tokens with this label count nowhere and get a zero gradient.
         reduction: "mean" (over counted tokens; 0 when none), "sum", or "none" (shape of labels,
             0 at ignored tokens).
@@ -45,9 +46,11 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         z_loss: weight >= 0 of the auxiliary z_loss * logsumexp(s)^2 per counted token (PaLM). A value.
         softcap: None, or c > 0: the student logits become c * tanh(s / c) before everything else. A
             value (None switches the cap off, which is structure).
-        num_items: for reduction="mean", the denominator instead of the count of counted tokens: an
-            int >= 1 or a 0-dim tensor (stays on its device), e.g. the number of items of the global
-            batch when accumulating gradients over micro-batches.
+        num_items: for reduction="mean", the denominator instead of the count of counted tokens: a
+            finite number >= 0 (an int count, or a float weight sum with token_weights) or a 0-dim
+            tensor on the CPU or the inputs' device (stays there; its value is checked in the first
+            pass), e.g. the number of items of the global batch when accumulating gradients over
+            micro-batches. 0 only for a batch in which no token counts (the mean is then 0).
         process_group: None, or a `torch.distributed.ProcessGroup` over which the vocabulary is
             sharded: `logits` and `ref_logits` then hold this rank's contiguous shard (rank r: global
             ids [r V, (r+1) V) with V = logits.shape[-1], equal on every rank), `labels` the global ids,
@@ -55,17 +58,18 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             and the gradients are those of this shard. 3 all_reduce of O(N) floats per forward (4 for
             "jsd"), none in backward (hrmloss/engine/distributed.py, docs/distributed.md).
         check_finite: after the forward, raise ValueError naming the first counted row whose ce or kl
-            is NaN, i.e. whose logits (or ref_logits) hold NaN or +inf. Synchronises with the host (it
-            reads the result), so it is off by default; without it such a row's loss is NaN, as in
-            PyTorch.
+            is not finite, and why: NaN (its logits or ref_logits hold NaN or +inf), +inf (a label of
+            probability 0, distributions that are 0 at different ids, a row of all -inf, an fp32
+            overflow: docs/design.md §1). Synchronises with the host (it reads the result), so it is off
+            by default; without it such a row's loss is that value (NaN as in PyTorch).
         inplace_backward: write the gradient of `logits` into the storage of `logits` itself (flash-attn's
             option), so that the backward allocates no (..., V) gradient buffer: peak memory ~0 NVs
             above the inputs instead of 1 NV. `logits` must be an intermediate result (e.g. the lm
             head's output) that nothing reads after the backward: a leaf that requires grad, or a
             view of one, is refused with a ValueError; another autograd node that saved `logits` and
             runs its backward after this one raises autograd's "modified by an inplace operation"
-            error. Under torch.compile the mutation is functionalised and may cost a copy. Off by
-            default.
+            error. Logits whose elements share memory (an expand-ed view) are refused too. Under
+            torch.compile the mutation is functionalised and may cost a copy. Off by default.
         ref_topk: a sparse teacher instead of ref_logits (then None): (indices, logprobs), each of shape
             labels.shape + (K,), K <= V: int32/int64 token ids, distinct in each row, and float
             log-probabilities (<= 0, at temperature 1) of the teacher at those ids. No (N, V) teacher
@@ -88,9 +92,9 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
     Values: hrm, temperature, beta, label_smoothing, z_loss and softcap are each a Python number or a
     0-dim float tensor (any float dtype, on the CPU or on the logits' device; never differentiated).
     A new value never recompiles a kernel or a `torch.compile` graph and never syncs the host. A Python
-    number is checked at the call; a tensor's range is checked inside the first pass: ValueError on
-    the CPU, a device-side assert on CUDA (docs/design.md §4). hrm = 0 drops the divergence even where
-    it is infinite, for a number and a tensor alike.
+    number is checked at the call, as the float32 it becomes; a tensor's range is checked inside the
+    first pass: ValueError on the CPU, a device-side assert on CUDA (docs/design.md §4). hrm = 0 drops
+    the divergence even where it is infinite, for a number and a tensor alike.
 
     Returns:
         The loss, or `HRMLossOutput(loss, ce, kl, z)`, the last three reduced like the loss, detached.
@@ -98,7 +102,7 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
     """
     p = prepare_logits(locals())
     rows = HRMLossFunction.apply(logits, p.ref, p.labels, p.call.params, p.call.st, p.call.backend, p.shard, p.topk,
-                                 p.weights)
+                                 p.weights, p.call.num_items)
     return finish(p, *rows, labels)
 
 

@@ -8,17 +8,27 @@ import torch
 import torch.nn.functional as F
 
 
+def _kl(la, lb):
+    """KL(a || b) per row from log-probabilities: sum_j a_j (log a_j - log b_j), a term 0 where a_j = 0
+    (also where b_j = 0 there: -inf logits are removed entries), +inf where a_j > 0 = b_j; NaN where a
+    or b is no distribution (a row of all -inf logits: log_softmax is NaN)."""
+    has = la > -math.inf
+    undefined = (la.isnan() | lb.isnan()).any(-1)
+    la, lb = torch.where(has, la, 0.0), torch.where(has, lb, 0.0)  # no -inf - -inf, nor NaN gradients
+    kl = torch.where(has, la.exp() * (la - lb), 0.0).sum(-1)
+    return torch.where(undefined, math.nan, kl)
+
+
 def divergence(s, t, kl="forward", beta=0.5, temperature=1.0):
     """Per-row divergence (..., V) -> (...) in float64, between q_T = softmax(s/T) and p_T = softmax(t/T)."""
     lq = F.log_softmax(s.double() / temperature, -1)
     lp = F.log_softmax(t.double() / temperature, -1)
-    if kl == "forward":   # KL(p || q): kl_div(input=log q, target=log p)
-        return F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
+    if kl == "forward":   # KL(p || q)
+        return _kl(lp, lq)
     if kl == "reverse":   # KL(q || p)
-        return F.kl_div(lp, lq, reduction="none", log_target=True).sum(-1)
+        return _kl(lq, lp)
     lm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
-    return (beta * F.kl_div(lm, lp, reduction="none", log_target=True).sum(-1)
-            + (1 - beta) * F.kl_div(lm, lq, reduction="none", log_target=True).sum(-1))
+    return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
 
 
 def reference_loss(s, t, y, hrm=1.0, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,

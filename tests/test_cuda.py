@@ -200,6 +200,48 @@ def test_out_of_range_label_is_a_device_assert():
         proc.stderr[-3000:]
 
 
+# the data checks of issue 20 on CUDA tensors: a device assert each (no host sync), one process per case
+DEVICE_ASSERTS = {
+    "num_items negative": "hrmloss.hrm_loss(s, s, y, backend='triton', num_items=torch.tensor(-3.0, device='cuda'))",
+    "num_items 0, counted": "hrmloss.hrm_loss(s, s, y, backend='triton', num_items=torch.tensor(0.0, device='cuda'))",
+    "token_weights inf": "hrmloss.hrm_loss(s, s, y, backend='triton', token_weights=torch.tensor("
+                         "[1.0, float('inf'), 1.0, 1.0], device='cuda'))",
+    "ref_topk row all -inf": "hrmloss.hrm_loss(s, None, y, backend='triton', ref_topk=(torch.arange(3, device='cuda')"
+                             ".expand(4, 3).contiguous(), torch.full((4, 3), -float('inf'), device='cuda')))",
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", sorted(DEVICE_ASSERTS))
+def test_issue_20_data_checks_are_device_asserts(case):
+    script = ("import torch, hrmloss\n"
+              "s = torch.randn(4, 1000, device='cuda'); y = torch.zeros(4, dtype=torch.long, device='cuda')\n"
+              f"{DEVICE_ASSERTS[case]}\n"
+              "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and ("device-side assert" in proc.stderr or "Assertion" in proc.stderr), \
+        proc.stderr[-3000:]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kl", ["forward", "reverse", "jsd"])
+def test_all_minus_inf_rows_and_num_items_zero_on_the_gpu(kl):
+    s, t = torch.randn(4, 1000, device="cuda"), torch.randn(4, 1000, device="cuda")
+    y = torch.zeros(4, dtype=torch.long, device="cuda")
+    t[1], s[2] = -float("inf"), -float("inf")
+    s.requires_grad_()
+    out = hrmloss.hrm_loss(s, t, y, backend="triton", kl=kl, reduction="none", return_components=True)
+    out.loss.sum().backward()
+    cpu = hrmloss.hrm_loss(s.detach().cpu(), t.cpu(), y.cpu(), backend="torch", kl=kl, reduction="none",
+                           return_components=True)
+    for a, b in zip(out, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(s.grad).all() and (s.grad[2] == 0).all()
+    masked = torch.full_like(y, -100)
+    assert hrmloss.hrm_loss(s, t, masked, backend="triton", num_items=torch.tensor(0, device="cuda")).item() == 0.0
+
+
 def test_the_interpreter_cases_are_here_for_the_gpu():
     # the generated GPU tests exist even without a GPU (they skip then)
     names = {n for n in globals() if n.startswith("test_")}

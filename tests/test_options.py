@@ -102,7 +102,8 @@ BAD = [
     (dict(softcap=-3.0), ValueError, "softcap"),
     (dict(softcap=float("inf")), ValueError, "softcap"),
     (dict(num_items=0), ValueError, "num_items"),
-    (dict(num_items=2.5), TypeError, "num_items"),
+    (dict(num_items=-2.5), ValueError, "num_items"),   # a float is a weight sum (issue 20): >= 0
+    (dict(num_items="3"), TypeError, "num_items"),
     (dict(num_items=torch.ones(2)), ValueError, "num_items"),
     (dict(num_items=4, reduction="sum"), ValueError, "num_items"),
 ]

@@ -2,8 +2,9 @@
 import torch
 
 from . import ops, sparse
+from .reduce import num_items_to_check
 from .stats import finalize
-from .layout import KINDS, PARAMS, PARTIAL
+from .layout import FINAL, KINDS, PARAMS, PARTIAL
 
 
 def vocab_range(logits, shard):
@@ -17,20 +18,23 @@ def _ref_or_stand_in(logits, ref_logits):
     return ref_logits if ref_logits is not None else logits.new_empty((*logits.shape[:-1], 1))
 
 
-def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None):
+def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None,
+                 num_items=None, first_row=0):
     """Per-row loss, ce, kl, z, the (N, FINAL) final statistics and, for a sparse teacher, the (N, K)
     correction of the gradient at its ids (else None), from the backend's passes.
 
     ref_logits: (..., V_ref) dense reference (V_ref < V with st.cut), or None with `topk` (a sparse
     teacher, `sparse.TopK`). shard: None, or a `distributed.VocabShard` when logits hold one vocabulary
     shard: its merges turn this shard's statistics into those of the whole vocabulary
-    (hrmloss/engine/distributed.py). token_weights: only checked here (the front end applies them).
+    (hrmloss/engine/distributed.py). token_weights, num_items: only checked here (the front end applies
+    them; `reduce.num_items_to_check`). first_row: the flat index of the first row (a chunk), for messages.
     """
     start, V = vocab_range(logits, shard)
     structure = [int(x) for x in st]
     t = _ref_or_stand_in(logits, ref_logits)
     ids, lps = topk if topk is not None else (None, None)
-    partial = ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights)
+    partial = ops.row_stats(logits, t, labels, params, structure, backend, start, V, ids, lps, token_weights,
+                            num_items_to_check(num_items), first_row)
     if shard is not None:
         partial = shard.merge_stats(partial)
     jsd, topk_kl, corr = None, None, None
@@ -57,7 +61,8 @@ def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_r
     With st.inplace the first is `logits` itself, overwritten by its gradient. A sparse teacher (`topk`,
     its (N, K) `corr` from the forward) adds its term at the ids (`sparse.add_correction`)."""
     t = _ref_or_stand_in(logits, ref_logits)
-    g = g.to(final.dtype).contiguous()
+    # a student row of all -inf logits (lse_s = -inf): probability 0 everywhere, gradient 0 (its loss is +inf)
+    g = torch.where(final[:, FINAL.lse_s] == -float("inf"), 0.0, g.to(final.dtype)).contiguous()
     at_ids = None
     if topk is not None and not st.hrm_zero:  # read before an in-place backward overwrites the logits
         at_ids = sparse.student_at_ids(logits, topk.ids, params, st, vocab_range_[0])
@@ -75,7 +80,7 @@ def grad_rows(logits, ref_logits, labels, final, g, params, st, backend, vocab_r
 
 class HRMLossFunction(torch.autograd.Function):
     """(logits (..., V), ref_logits (..., V_ref) or None, labels (N,) flat, params, Structure, backend, shard,
-    topk, token_weights) -> per-row loss, ce, kl, z (N,).
+    topk, token_weights, num_items) -> per-row loss, ce, kl, z (N,).
 
     ce, kl and z are not differentiable. The gradient goes to logits, and to ref_logits when it
     requires grad (computed in the same backward pass; no extra traffic otherwise). With a `shard`
@@ -85,9 +90,10 @@ class HRMLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None):
+    def forward(ctx, logits, ref_logits, labels, params, st, backend, shard=None, topk=None, token_weights=None,
+                num_items=None):
         loss, ce, kl, z, final, corr = forward_rows(logits, ref_logits, labels, params, st, backend, shard, topk,
-                                                    token_weights)
+                                                    token_weights, num_items)
         ctx.save_for_backward(logits, ref_logits, labels, final, params, corr,
                               *(topk if topk is not None else ()))
         ctx.st, ctx.backend, ctx.vocab_range = st, backend, vocab_range(logits, shard)
@@ -100,4 +106,4 @@ class HRMLossFunction(torch.autograd.Function):
         st = ctx.st._replace(inplace=ctx.st.inplace and ctx.needs_input_grad[0])
         ds, dt = grad_rows(logits, ref_logits, labels, final, grad_loss, params, st, ctx.backend,
                            ctx.vocab_range, ctx.needs_input_grad[1], sparse.TopK(*topk) if topk else None, corr)
-        return ds, dt, None, None, None, None, None, None, None
+        return ds, dt, None, None, None, None, None, None, None, None

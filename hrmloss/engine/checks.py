@@ -1,12 +1,15 @@
 """The argument checks of every entry point: types, shapes, dtypes and devices, before any pass runs.
 
 Each raises a ValueError / TypeError naming the argument, its value and what was expected. The checks that
-read tensor data (labels, tensor-valued options, a sparse teacher's ids, token weights) are not here: they
-run inside the first pass (ops.row_stats), a ValueError on the CPU and a device-side assert on CUDA.
+read tensor data (labels, tensor-valued options, a sparse teacher's ids, token weights, num_items) are not
+here: they run inside the first pass (ops.row_stats), a ValueError on the CPU and a device-side assert on
+CUDA. docs/design.md §4 tabulates what is checked where.
 """
 import numbers
 
 import torch
+
+from .options import NUM_ITEMS_RANGE, as_float32
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH_ONLY_DTYPES = (torch.float64,)  # the torch backend also runs float64 (gradcheck)
@@ -27,8 +30,10 @@ def check_bool(name, value):
         raise TypeError(f"{name}={value!r}: expected a bool")
 
 
-def check_num_items(num_items, reduction):
-    """None, an int >= 1, or a 0-dim tensor (kept where it is: no host sync); "mean" only."""
+def check_num_items(num_items, reduction, device):
+    """None, a finite number >= 0 (an int count, or a float weight sum with token weights), or a 0-dim
+    real tensor on the CPU or on `device` (kept there: no host sync; its value is checked in the first
+    pass, ops.check_num_items); "mean" only. 0 is for a batch with no counted token (the mean is then 0)."""
     if num_items is None:
         return
     if reduction != "mean":
@@ -36,12 +41,16 @@ def check_num_items(num_items, reduction):
                          "denominator of reduction='mean' only")
     if isinstance(num_items, torch.Tensor):
         if num_items.dim() != 0 or num_items.dtype == torch.bool or num_items.is_complex():
-            raise ValueError(f"num_items: expected an int or a 0-dim real tensor, got a tensor of shape "
+            raise ValueError(f"num_items: expected a number or a 0-dim real tensor, got a tensor of shape "
                              f"{tuple(num_items.shape)} and dtype {num_items.dtype}")
-    elif isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
-        raise TypeError(f"num_items={num_items!r}: expected None, an int or a 0-dim tensor")
-    elif num_items < 1:
-        raise ValueError(f"num_items={num_items!r}: expected num_items >= 1")
+        if num_items.device.type != "cpu" and num_items.device != device:
+            raise ValueError(f"num_items is a tensor on {num_items.device}: expected the CPU or the device of "
+                             f"the inputs, {device}")
+        return
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
+        raise TypeError(f"num_items={num_items!r}: expected None, a number or a 0-dim tensor")
+    if not NUM_ITEMS_RANGE.holds(num_items if torch.compiler.is_compiling() else as_float32(num_items)):
+        raise ValueError(f"num_items={num_items!r}: expected {NUM_ITEMS_RANGE.text}")
 
 
 def check_option_devices(opts, device):
@@ -107,12 +116,30 @@ def check_topk(ref_topk, labels, vocab):
     return topk
 
 
+def may_overlap(x):
+    """True unless x's elements provably occupy distinct memory: with its dimensions by increasing stride,
+    each stride exceeds the farthest offset the smaller ones reach (False for every dense layout, True
+    for an expand-ed (stride 0) or an as_strided view whose rows share memory)."""
+    reach = 0
+    for stride, size in sorted((abs(st), n) for st, n in zip(x.stride(), x.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def check_inplace(logits):
     """inplace_backward=True overwrites the logits with their gradient during backward: refuse logits that
     the caller may still read afterwards, a leaf that requires grad or a view of one (autograd's version
-    counter only protects values saved by other nodes of the graph)."""
+    counter only protects values saved by other nodes of the graph), and logits whose elements share
+    memory (one place cannot hold two gradients)."""
     if not (logits.requires_grad and torch.is_grad_enabled()):
         return  # no gradient of the logits will be computed: nothing is overwritten
+    if may_overlap(logits):
+        raise ValueError(f"inplace_backward=True: logits (shape {tuple(logits.shape)}, strides {logits.stride()}) "
+                         "has elements that share memory (an expand-ed or as_strided view), which cannot hold "
+                         "their separate gradients; expected logits with distinct elements (e.g. .contiguous()), "
+                         "or inplace_backward=False")
     base = logits._base
     if logits.is_leaf or (base is not None and base.is_leaf):
         what = "a leaf tensor" if logits.is_leaf else "a view of a leaf tensor"
@@ -194,11 +221,18 @@ def check_chunking(chunk_size, chunk_bytes):
             raise ValueError(f"{name}={value!r}: expected None (automatic) or an int >= 1")
 
 
-def check_grad_acc_dtype(grad_acc_dtype, gemm_dtype):
-    """The weight-gradient accumulator's dtype: None means fp32; otherwise fp32 or the GEMM dtype."""
+def check_grad_acc_dtype(grad_acc_dtype, gemm_dtype=None):
+    """The weight-gradient accumulator's dtype: None means fp32; otherwise fp32 or the GEMM dtype (a float
+    dtype, all that can be checked without the inputs: gemm_dtype None, at a module's construction)."""
     if grad_acc_dtype is None:
         return torch.float32
-    if grad_acc_dtype not in (torch.float32, gemm_dtype):
+    if not isinstance(grad_acc_dtype, torch.dtype):
+        raise TypeError(f"grad_acc_dtype={grad_acc_dtype!r}: expected None or a torch.dtype (torch.float32, "
+                        "or the GEMM dtype torch.bfloat16 / torch.float16)")
+    if grad_acc_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"grad_acc_dtype={grad_acc_dtype!r}: expected None, torch.float32, or the GEMM dtype "
+                         "(torch.bfloat16 or torch.float16)")
+    if gemm_dtype is not None and grad_acc_dtype not in (torch.float32, gemm_dtype):
         raise ValueError(f"grad_acc_dtype={grad_acc_dtype!r}: expected None or torch.float32 (the default), or "
                          f"the GEMM dtype {gemm_dtype} (a smaller, less accurate accumulator)")
     return grad_acc_dtype

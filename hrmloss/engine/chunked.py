@@ -253,7 +253,7 @@ def _forward_chunk(ops, plan, k, rows, g, grads):
     y = ops.labels[r0:r1]
     topk = sparse.chunk_rows(ops.topk, r0, r1)
     weights = None if ops.weights is None else ops.weights[r0:r1]
-    out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard, topk, weights)
+    out = forward_rows(s, t, y, call.params, call.st, call.backend, plan.shard, topk, weights, call.num_items, r0)
     for buf, x in zip(rows, out):
         buf[r0:r1] = x
     if g is not None:
@@ -285,10 +285,15 @@ class Plan(NamedTuple):
     shard: object             # None, or the distributed.VocabShard of a vocabulary-parallel call
 
 
+def autocast_enabled(kind):
+    """torch.autocast is on for this device type (False for one autocast does not know, e.g. meta)."""
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
 def gemm_dtype(hidden):
     """Autocast's dtype inside torch.autocast for hidden's device (as F.linear), else hidden's dtype."""
     kind = hidden.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    return torch.get_autocast_dtype(kind) if autocast_enabled(kind) else hidden.dtype
 
 
 def make_plan(call, n_rows, vocab, device, dtype, acc_dtype, shard, *, ref_from_hidden, chunk_size=None,

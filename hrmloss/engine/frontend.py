@@ -44,7 +44,7 @@ class Call(NamedTuple):
     st: Structure              # what the passes compile for
     backend: str               # resolved: "torch" or "triton"
     params: torch.Tensor       # the runtime scalars on the device (layout.PARAMS)
-    num_items: object          # None, an int or a 0-dim tensor: the denominator of "mean"
+    num_items: object          # None, a number or a 0-dim tensor: the denominator of "mean"
     return_components: bool
     check_finite: bool
 
@@ -73,7 +73,7 @@ def make_call(options, device, dtypes, *, return_components=False, num_items=Non
         opts.check_topk()
     checks.check_bool("return_components", return_components)
     checks.check_bool("check_finite", check_finite)
-    checks.check_num_items(num_items, opts.reduction)
+    checks.check_num_items(num_items, opts.reduction, device)
     checks.check_option_devices(opts, device)
     backend = backends.resolve(opts.backend, device)
     backends.check_dtypes(backend, *dtypes)
@@ -129,7 +129,7 @@ def prepare_linear(args):
     chunk plan (chunked.make_plan)."""
     hidden, weight, labels = args["hidden"], args["weight"], args["labels"]
     checks.check_chunking(args["chunk_size"], args["chunk_bytes"])
-    mixed = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
+    mixed = isinstance(hidden, torch.Tensor) and chunked.autocast_enabled(hidden.device.type)
     has_topk = args["ref_topk"] is not None
     checks.check_linear(hidden, weight, labels, args["bias"], args["ref_logits"], args["ref_hidden"],
                         args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed)
@@ -147,14 +147,28 @@ def prepare_linear(args):
     return Prepared(call, flat, None, topk, weights, shard, plan)
 
 
+# check_finite's cause of each non-finite value, by component and kind of value
+_CAUSES = {
+    ("ce", "NaN"): "logits contain NaN or +inf in that row",
+    ("kl", "NaN"): "logits or ref_logits contain NaN or +inf in that row",
+    ("ce", "+inf"): "the label's probability is 0 (its logit is -inf, the row's logits are all -inf, or they "
+                    "overflow float32)",
+    ("kl", "+inf"): "one distribution is 0 where the other is not (-inf in one of logits / ref_logits only, an "
+                    "all -inf row, or logits that overflow float32)",
+    ("ce", "-inf"): "the logits overflow float32", ("kl", "-inf"): "the logits overflow float32",
+}
+
+
 def _check_finite(ce, kl, live):
-    """check_finite=True: NaN in a counted row's ce or kl means NaN (or +inf) in that row's inputs (syncs)."""
-    for name, x, culprit in (("ce", ce, "logits"), ("kl", kl, "logits or ref_logits")):
-        bad = torch.isnan(x) & live
+    """check_finite=True: ValueError naming the first counted row whose ce or kl is not finite, and why (syncs)."""
+    for name, x in (("ce", ce), ("kl", kl)):
+        bad = ~torch.isfinite(x) & live
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"check_finite: {name} is NaN at row {row} (flat token index): {culprit} "
-                             "contains NaN or +inf in that row")
+            value = x[row].item()
+            kind = "NaN" if value != value else "+inf" if value > 0 else "-inf"
+            raise ValueError(f"check_finite: {name} is {kind} at row {row} (flat token index): "
+                             f"{_CAUSES[name, kind]}")
 
 
 def finish(prepared, loss, ce, kl, z, labels):

@@ -28,6 +28,14 @@ def log_mixture(lq, lp, beta):
     return torch.logaddexp(lp + torch.log(beta), lq + torch.log1p(-beta))
 
 
+def no_support_divergence(kind_is_jsd, beta):
+    """The divergence between distributions without common support (one side a row of all -inf logits):
+    +inf for KL either way, JSD's maximum -b log b - (1 - b) log(1 - b) (design.md §1). beta: 0-dim."""
+    if kind_is_jsd:
+        return -beta * torch.log(beta) - (1 - beta) * torch.log1p(-beta)
+    return float("inf")
+
+
 def soft_cap(sc, params, st):
     """(s, d s / d s_raw) of student logits in the accumulation dtype: s = c tanh(s_raw / c) and its
     derivative 1 - tanh^2 with a soft cap c (st.capped), else (s_raw, None)."""

@@ -7,6 +7,7 @@ The checks that read data (labels, tensor-valued options) run inside `row_stats`
 eager and compiled calls raise alike.
 """
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 from . import backends
 from .rows import acc_dtype, rows_3d
 from .layout import JSD, PARTIAL
-from .options import Structure, check_params
+from .options import NUM_ITEMS_RANGE, Structure, check_params
 
 
 def no_autocast(x):
@@ -43,43 +44,69 @@ def _fail(ok, message, first_bad):
         raise ValueError(f"{message}: {first_bad(~ok)}")
 
 
-def check_topk(ids, logprobs, vocab_size):
+def check_topk(ids, logprobs, vocab_size, renorm_rows=None, first_row=0):
     """A sparse teacher's data: ids in [0, V) and distinct in each row, log-probs <= 0 (not NaN) whose
-    probabilities sum to at most 1 + 1e-2 per row."""
+    probabilities sum to at most 1 + 1e-2 per row; renorm_rows (N,) bool (topk_mode="renorm": the counted
+    rows): each with a finite log-prob (renormalising a row of zero mass is 0 / 0). first_row: the flat
+    index of the first row (a chunk of linear_hrm_loss), for the messages."""
     _fail((ids >= 0) & (ids < vocab_size), f"ref_topk indices: an id outside [0, {vocab_size})",
           lambda bad: f"found {ids[bad][0].item()}")
     if ids.shape[-1] > 1:
         srt = ids.sort(-1).values
         _fail((srt[..., 1:] != srt[..., :-1]).all(-1), "ref_topk indices: an id repeated in a row",
-              lambda bad: f"row {int(bad.reshape(-1).nonzero()[0, 0])} (flat)")
+              lambda bad: f"row {first_row + int(bad.reshape(-1).nonzero()[0, 0])} (flat)")
     _fail(logprobs <= 0, "ref_topk logprobs: expected log-probabilities <= 0 (and not NaN)",
           lambda bad: f"found {logprobs[bad][0].item()}")
     mass = logprobs.float().exp().sum(-1)
     _fail(mass <= 1 + 1e-2, "ref_topk logprobs: the top-k probabilities of a row sum above 1 + 1e-2",
           lambda bad: f"sum {mass[bad][0].item()}")
+    if renorm_rows is not None:
+        has_mass = (logprobs > -math.inf).any(-1) | ~renorm_rows.reshape(logprobs.shape[:-1])
+        _fail(has_mass, "ref_topk logprobs: a counted row is all -inf (no teacher mass to renormalise with "
+              "topk_mode='renorm'; topk_mode='tail' puts it all on the rest)",
+              lambda bad: f"row {first_row + int(bad.reshape(-1).nonzero()[0, 0])} (flat)")
 
 
 def check_weights(weights):
-    _fail(weights >= 0, "token_weights: expected weights >= 0 (and not NaN)",
+    _fail(torch.isfinite(weights) & (weights >= 0), "token_weights: expected finite weights >= 0 (not NaN)",
           lambda bad: f"found {weights[bad][0].item()}")
+
+
+def check_num_items(num_items, counted):
+    """A tensor num_items: finite and >= 0 (options.NUM_ITEMS_RANGE), on its own device; and 0 only when no
+    token counts (counted: (N,) bool, the rows with a label and a non-zero weight), on the rows' device."""
+    if num_items.dtype.is_floating_point or num_items.is_complex():
+        in_range = NUM_ITEMS_RANGE.holds(num_items)
+    else:
+        in_range = num_items >= 0
+    _fail(in_range, f"num_items (a tensor): expected {NUM_ITEMS_RANGE.text}",
+          lambda bad: f"found {num_items.item()!r}")
+    none_counted = ~counted.any() | (num_items != 0)  # a CPU num_items enters a CUDA op as a host scalar
+    _fail(none_counted, "num_items=0 with counted tokens: expected num_items > 0 (0 is for a batch in which no "
+          "token counts, whose mean is then 0)", lambda bad: f"{int(counted.sum())} counted in these rows")
 
 
 @torch.library.custom_op("hrmloss::row_stats", mutates_args=())
 def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, params: Tensor, structure: list[int],
               backend: str, vocab_start: int, vocab_size: int, topk_ids: Optional[Tensor] = None,
-              topk_logprobs: Optional[Tensor] = None, token_weights: Optional[Tensor] = None) -> Tensor:
+              topk_logprobs: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
+              num_items: Optional[Tensor] = None, first_row: int = 0) -> Tensor:
     """(N, PARTIAL) partial row statistics of this vocabulary shard (see _layout).
 
     Without a dense reference (a sparse teacher) ref_logits is never read; topk_ids (N, K) feed
-    PARTIAL.lse_rest. The data checks of labels, option tensors, the sparse teacher and the token
-    weights run here, first."""
+    PARTIAL.lse_rest. The data checks of labels, option tensors, the sparse teacher, the token
+    weights and num_items (a tensor, or a 0 given as a number) run here, first; first_row: the flat index
+    of the first of these rows (a chunk of linear_hrm_loss), for the messages."""
     st = Structure._make(structure)
     check_labels(labels, 0, vocab_size, st.ignore_index)
     check_params(params, st)
+    live = labels != st.ignore_index
     if topk_ids is not None:
-        check_topk(topk_ids, topk_logprobs, vocab_size)
+        check_topk(topk_ids, topk_logprobs, vocab_size, live if not st.tail else None, first_row)
     if token_weights is not None:
         check_weights(token_weights)
+    if num_items is not None:
+        check_num_items(num_items, live if token_weights is None else live & (token_weights != 0))
     with no_autocast(logits):
         s, t = rows_3d(logits, ref_logits)
         return backends.get(backend).row_stats(s, t, labels, params, st, vocab_start, topk_ids)
@@ -87,7 +114,7 @@ def row_stats(logits: Tensor, ref_logits: Tensor, labels: Tensor, params: Tensor
 
 @row_stats.register_fake
 def _(logits, ref_logits, labels, params, structure, backend, vocab_start, vocab_size, topk_ids=None,
-      topk_logprobs=None, token_weights=None):
+      topk_logprobs=None, token_weights=None, num_items=None, first_row=0):
     return logits.new_empty((labels.numel(), len(PARTIAL)), dtype=acc_dtype(logits))
 
 

@@ -45,6 +45,28 @@ class Range(NamedTuple):
         return (x == x) & above & (x < self.hi)
 
 
+# The passes compute in float32: a Python number is checked as the float32 it becomes there (1e39 is inf,
+# 1e-50 is 0), and a temperature must be a normal float32 (1 / T of a subnormal T overflows, and kernels
+# may flush subnormals to zero).
+FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32, ~1.18e-38
+
+
+def as_float32(x):
+    """A Python number rounded to float32 as a cast would (to nearest, ties to even): inf beyond float32's
+    range, 0 below half its smallest subnormal. Plain Python arithmetic, so that torch.compile traces it."""
+    try:
+        x = float(x)
+    except OverflowError:  # an int beyond float64
+        return math.inf if x > 0 else -math.inf
+    if not math.isfinite(x) or x == 0:
+        return x
+    # float32 keeps 24 significant bits (math.frexp: x = m 2^e, 0.5 <= |m| < 1), down to the
+    # subnormals' step 2^-149; a result of 2^128 or more is inf
+    step = max(math.frexp(x)[1] - 24, -149)
+    r = math.ldexp(round(math.ldexp(x, -step)), step)
+    return r if abs(r) < 2.0 ** 128 else math.copysign(math.inf, x)
+
+
 def _value(default, lo, hi=math.inf, lo_closed=True, text=""):
     return field(default=default, metadata={"range": Range(lo, hi, lo_closed, text)})
 
@@ -63,9 +85,12 @@ def _check_value(name, value, rng):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r}: expected a real number or a 0-dim float tensor, "
                         f"got {type(value).__name__}")
-    value = float(value)
-    if not rng.holds(value):
-        raise ValueError(f"{name}={value!r}: expected {rng.text}")
+    value = as_float32(value) if isinstance(value, numbers.Integral) and abs(value) > 2 ** 128 else float(value)
+    # (inside a torch.compile region dynamo may trace the number symbolically: the float64 check only)
+    as_seen = value if torch.compiler.is_compiling() else as_float32(value)
+    if not (rng.holds(value) and rng.holds(as_seen)):
+        raise ValueError(f"{name}={value!r}: expected {rng.text} (as the float32 it becomes in the "
+                         f"passes: {as_seen!r})")
     return value
 
 
@@ -101,7 +126,8 @@ class LossOptions:
     hrm: Value = _value(1.0, 0.0, text="a finite number >= 0")
     kl: str = "forward"
     beta: Value = _value(0.5, 0.0, 1.0, lo_closed=False, text="0 < beta < 1")
-    temperature: Value = _value(1.0, 0.0, lo_closed=False, text="a finite temperature > 0")
+    temperature: Value = _value(1.0, FP32_TINY, text=f"a finite temperature >= {FP32_TINY:.4g} (the smallest "
+                                                         "normal float32)")
     ignore_index: int = -100
     reduction: str = "mean"
     backend: str = "auto"
@@ -173,6 +199,10 @@ class LossOptions:
         return torch.stack([(zero + (v.detach() if isinstance(v, torch.Tensor) else v)).to(dtype)
                             for v in self.values().values()])
 
+
+# num_items (not an option: a per-call argument), checked with the same Range: a number at the call
+# (checks.check_num_items), a tensor in the first pass (ops.check_num_items)
+NUM_ITEMS_RANGE = Range(0.0, math.inf, True, "a finite number >= 0")
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
 

@@ -5,11 +5,22 @@ import torch
 from .maths import weigh
 
 
+def num_items_to_check(num_items):
+    """What of num_items the first pass checks (ops.check_num_items): a tensor, or a number 0 (then only
+    allowed when no token counts) as a CPU tensor; None for a number > 0, checked at the call already."""
+    if num_items is None or isinstance(num_items, torch.Tensor):
+        return num_items
+    return torch.zeros(()) if num_items == 0 else None
+
+
 def mean_denominator(live, num_items=None, weights=None):
     """The divisor of reduction "mean": the count of counted rows (with token weights: their weight sum)
-    or num_items; 1 where that count is 0 (the mean is then 0). On the device."""
+    or num_items; 1 where that is 0 (no token counts, checked for num_items: the mean is then 0). On the
+    device."""
     if num_items is not None:
-        return num_items
+        if isinstance(num_items, torch.Tensor):
+            return torch.where(num_items == 0, torch.ones_like(num_items), num_items)
+        return num_items if num_items != 0 else 1
     den = live.sum() if weights is None else torch.where(live, weights, 0.0).sum()
     return torch.where(den == 0, torch.ones_like(den), den)
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from .layout import KINDS, PARAMS, PARTIAL
-from .maths import log_mixture, soft_cap, weigh, xlog_ratio, zero_where
+from .maths import log_mixture, no_support_divergence, soft_cap, weigh, xlog_ratio, zero_where
 from .rows import acc_dtype, rows_3d
 
 NEG_INF = float("-inf")
@@ -98,9 +98,13 @@ def divergence(u, logprobs, partial, params, st, live, vocab_size):
     # the term at the ids: the whole q_k (r_k - R) where the pass skips the ids (st.rest: coef can be
     # huge, p_rest / q_rest, and coef q_k would cancel against it), else what coef q_k leaves out
     corr = zero_where(q[:, :-1] == 0, q[:, :-1] * (r[:, :-1] - (big_r if st.rest else r_rest)[:, None]))
+    # a student row of all -inf (lse_u = -inf) shares no support with the teacher: KL +inf, JSD its
+    # maximum, no gradient (as for a dense reference, stats.finalize)
+    empty = lse_u == NEG_INF
+    kl = torch.where(empty, no_support_divergence(st.kind == KINDS.jsd, params[PARAMS.beta]), kl)
     zero = torch.zeros((), dtype=acc, device=u.device)
-    return (torch.where(live, kl, zero), torch.where(live, coef, zero),
-            torch.where(live[:, None], corr, zero))
+    return (torch.where(live, kl, zero), torch.where(live & ~empty, coef, zero),
+            torch.where((live & ~empty)[:, None], corr, zero))
 
 
 def add_correction(ds, topk, at_ids, corr, g, params, vocab_start):
@@ -108,7 +112,7 @@ def add_correction(ds, topk, at_ids, corr, g, params, vocab_start):
     at the ids of this shard, through the soft cap; at_ids: `student_at_ids` of the logits, read before."""
     _, dcap, owned = at_ids
     c = params[PARAMS.hrm] / params[PARAMS.temperature]
-    add = weigh(c, corr) * g[:, None].to(corr.dtype)
+    add = weigh(g[:, None].to(corr.dtype), weigh(c, corr))  # 0 in a row of weight 0, even if corr is not finite
     if dcap is not None:
         add = add * dcap
     ds3, i3 = rows_3d(ds, topk.ids.view(*ds.shape[:-1], topk.ids.shape[-1]))  # views: the scatter writes ds

@@ -14,7 +14,7 @@ whose weight is 0 contributes 0 even where its factor is infinite (hrm = 0 with 
 import torch
 
 from .layout import FINAL, JSD, KINDS, PARAMS, PARTIAL, PARTIAL_MERGE
-from .maths import weigh
+from .maths import no_support_divergence, weigh
 
 INF = float("inf")
 # the partial columns by how they merge (layout.PARTIAL_MERGE): log-sum-exp, plain sums, and expectations
@@ -68,6 +68,12 @@ def merge_partial(partial, max_over, sum_over):
     return out
 
 
+def disjoint(lse_u, lse_w):
+    """Rows where the student (at T, over the ids it shares with the reference) or the reference has no
+    mass (an all -inf row): the divergence is constant there (+inf, or JSD's maximum), its gradient 0."""
+    return (lse_u == -INF) | (lse_w == -INF)
+
+
 def finalize(partial, jsd_sums, labels, params, st, vocab_size, topk_kl=None):
     """(N, PARTIAL) statistics of the whole vocabulary -> per-row loss, ce, kl, z and (N, FINAL) stats.
 
@@ -86,11 +92,23 @@ def finalize(partial, jsd_sums, labels, params, st, vocab_size, topk_kl=None):
     else:
         kl_p = p["ep"] - p["lse_w"] + p["lse_u"]
         kl_q = p["eq"] - p["lse_u"] + p["lse_w"]
-        kl = kl_p if st.kind == KINDS.forward else kl_q
+    if topk_kl is None:
+        # a row of all -inf logits (lse = -inf: no mass) shares no support with the other distribution:
+        # KL +inf either way, JSD its maximum -b log b - (1 - b) log(1 - b) (design.md §1)
+        empty = disjoint(p["lse_u"], p["lse_w"])
+        value = no_support_divergence(st.kind == KINDS.jsd, beta)  # kl_p = kl_q = it: so is JSD's mixture
+        kl_p, kl_q = (torch.where(empty, value, x) for x in (kl_p, kl_q))
+        kl = beta * kl_p + (1.0 - beta) * kl_q if st.kind == KINDS.jsd else kl_p if st.kind == KINDS.forward \
+            else kl_q
     live = labels != st.ignore_index
     zero = partial.new_zeros(())
     nll = p["lse_s"] - p["s_y"]
     ce = nll + weigh(eps, (p["lse_s"] - p["sum_s"] / vocab_size) - nll)  # (1 - eps) nll + eps smooth
+    ce = torch.where(p["lse_s"] == -INF, INF, ce)  # all -inf logits: the label has probability 0
+    # ce and kl are >= 0: -inf or NaN from logits without NaN / +inf (no lse is NaN) is an fp32 overflow
+    # of the statistics (logits near fp32's range): +inf, as on every backend
+    clean = ~(p["lse_s"].isnan() | p["lse_u"].isnan() | p["lse_w"].isnan())
+    ce, kl = (torch.where(clean & (x.isnan() | (x == -INF)), INF, x) for x in (ce, kl))
     ce = torch.where(live, ce, zero)
     kl = torch.where(live, kl, zero)
     z = torch.where(live, weigh(z_loss, p["lse_s"] * p["lse_s"]), zero)

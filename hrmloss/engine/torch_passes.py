@@ -9,10 +9,12 @@ import torch
 
 from .maths import log_mixture, soft_cap, weigh, xlog_ratio, zero_where
 from .rows import acc_dtype
+from .stats import disjoint
 from .layout import FINAL, JSD, KINDS, PARAMS, PARTIAL
 
 CHUNK_ELEMS = 1 << 20  # elements of one (chunk, V) fp32 temporary: 4 MiB
 NEG_INF = float("-inf")
+BIG = 1.0e38  # a finite stand-in for an infinite log-ratio multiplied by 0 (the kernels' common.BIG)
 
 
 def _chunks(s, t):
@@ -38,16 +40,19 @@ def _scaled(x, params, st):
 
 
 def _lse_and_mean(x, y):
-    """(logsumexp(x), E_softmax(x)[x - y]) over the last dim, as the kernel does: the weighted sum is
-    divided by the computed sum of exponentials, so rounding in the normaliser cancels. Terms where
-    x = -inf are 0, +inf where y = -inf < x; an all -inf row gives (-inf, 0)."""
+    """(logsumexp(x), E_softmax(x)[x - y]) over the last dim, as the kernel does (hrmloss/kernels/stats.py):
+    the weighted sum is divided by the computed sum of exponentials, so rounding in the normaliser
+    cancels; x - y is clamped below at -BIG, the side that only zero weights reach (a difference that
+    overflows fp32 meets a weight that underflowed), and terms where x = -inf are 0. An infinite term
+    of non-zero weight (y = -inf < x) stays +inf, or NaN where its weight underflowed: both mean +inf.
+    An all -inf row gives (-inf, 0)."""
     m = x.amax(-1, keepdim=True)
     m = torch.where(m == NEG_INF, 0.0, m)
     e = torch.exp(x - m)
-    # +inf wherever y = -inf < x, even where e underflowed to 0 (the true weight is not 0)
-    a = zero_where(x == NEG_INF, torch.where(y == NEG_INF, float("inf"), e * (x - y))).sum(-1)
+    a = zero_where(x == NEG_INF, e * torch.clamp(x - y, min=-BIG)).sum(-1)
     d = e.sum(-1)
-    return m[:, 0] + torch.log(d), torch.where(d == 0, 0.0, a / d)
+    mean = torch.where(d == 0, 0.0, a / d)
+    return m[:, 0] + torch.log(d), torch.where(mean.isnan() & (d != 0), float("inf"), mean)
 
 
 def _cut(u, t, st):
@@ -174,9 +179,11 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
             # 2. divergence; hrm = 0 (c = 0) drops the term, which can be infinite, instead of scaling it
             dku, dkw = _divergence_grads(st, beta, *_log_probs(u, _ref(tc.to(acc), V, params), f["lse_u"],
                                                                f["lse_w"]), f["kl_p"], f["kl_q"], ref_grad)
-            d += weigh(c, dku)
+            # a row where one side has no mass (stats.disjoint): a constant divergence, no gradient
+            c_row = torch.where(disjoint(f["lse_u"], f["lse_w"])[:, None], 0.0, c)
+            d += weigh(c_row, dku)
             if ref_grad:
-                dt[r0:r1] = torch.where(live[:, None], gl * weigh(c, dkw[:, :t.shape[-1]]), 0.0)
+                dt[r0:r1] = torch.where(live[:, None], gl * weigh(c_row, dkw[:, :t.shape[-1]]), 0.0)
         # 3. through the soft cap, scale by g; dead rows get zeros
         if dcap is not None:
             d *= dcap

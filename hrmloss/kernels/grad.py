@@ -106,6 +106,8 @@ def _hrm_grad_kernel(
     softcap = tl.load(params_ptr + SOFTCAP_C)
     y_local = y - vocab_start
     c = tl.load(params_ptr + HRM) * inv_temp
+    if HAS_REF:  # one side has no mass (an all -inf row): a constant divergence, no gradient
+        c = tl.where((lse_u == NEG_INF) | (lse_w == NEG_INF), 0.0, c)
     if REST:  # this row's top-k ids, local to the shard
         ids = _row_ids(ids_ptr, row, K, vocab_start, K_PAD)
     for start in range(lo, hi, BLOCK_V):
