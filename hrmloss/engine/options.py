@@ -54,7 +54,8 @@ def is_dynamic(value):
     return isinstance(value, (torch.Tensor, torch.SymFloat))
 
 
-def _check_value(name, value, rng):
+def check_value(name, value, rng):
+    """A value option's kind (number, 0-dim float tensor, symbolic float) and a number's range."""
     if is_dynamic(value):
         if isinstance(value, torch.Tensor) and (value.dim() != 0 or not value.dtype.is_floating_point):
             raise TypeError(f"{name}: expected a number or a 0-dim float tensor, got a tensor of shape "
@@ -117,7 +118,7 @@ class LossOptions:
             rng = f.metadata.get("range")
             value = getattr(self, f.name)
             if rng is not None and not (f.name == "softcap" and value is None):
-                object.__setattr__(self, f.name, _check_value(f.name, value, rng))
+                object.__setattr__(self, f.name, check_value(f.name, value, rng))
         _choice("kl", self.kl, KINDS)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index={self.ignore_index!r}: expected an int")
