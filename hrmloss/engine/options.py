@@ -1,6 +1,6 @@
 """The options of one loss call: values (runtime scalars) and structure (what the kernels compile for).
 
-A *value* option (`hrm`, `temperature`, `beta`, `label_smoothing`, `z_loss`, `softcap`) is a Python number,
+A *value* option (`hrm`, `ce_weight`, `temperature`, `beta`, `label_smoothing`, `z_loss`, `softcap`) is a Python number,
 a 0-dim float tensor (on the CPU or on the logits' device) or, under `torch.compile`, a symbolic float.
 Values reach the passes as one small tensor, `LossOptions.params` (layout `layout.PARAMS`), so a new value
 never recompiles a kernel or a compiled graph. A *structure* option (`kl`, `ignore_index`, ...) and what is
@@ -89,7 +89,7 @@ class Structure(NamedTuple):
     ignore_index: int
     check: int         # bit i set: PARAMS[i] is a run-time value whose range check_params checks
     inplace: bool      # the backward writes the gradient of the logits into the logits' storage
-    has_ref: bool = True   # a dense reference tensor; False: a sparse (top-k) teacher, no reference loads
+    has_ref: bool = True   # a dense reference tensor; False: a sparse (top-k) teacher or none, no reference loads
     rest: bool = False     # sparse teacher: also the student's mass off the top-k ids (PARTIAL.lse_rest)
     tail: bool = False     # sparse teacher, topk_mode="tail" (else "renorm")
     cut: bool = False      # the reference covers the first V_ref < V columns only (ref_vocab="truncate")
@@ -112,6 +112,7 @@ class LossOptions:
     inplace_backward: bool = False
     topk_mode: str = "renorm"
     ref_vocab: str = "error"
+    ce_weight: Value = _value(1.0, 0.0, text="a finite ce_weight >= 0")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -146,9 +147,9 @@ class LossOptions:
         return {name: 1.0 if name == "softcap" and self.softcap is None else getattr(self, name)
                 for name in PARAMS}
 
-    def structure(self, topk=False, cut=False):
+    def structure(self, topk=False, cut=False, ref=True):
         """topk: the reference is a sparse teacher (ref_topk); cut: a dense reference with fewer columns
-        than the student (ref_vocab="truncate")."""
+        than the student (ref_vocab="truncate"); ref=False: no reference at all (the CE family alone)."""
         values = self.values()
         return Structure(
             kind=KINDS.index(self.kl),
@@ -157,7 +158,7 @@ class LossOptions:
             hrm_zero=not is_dynamic(self.hrm) and self.hrm == 0,
             ignore_index=self.ignore_index,
             check=sum(1 << i for i, name in enumerate(PARAMS) if is_dynamic(values[name])),
-            has_ref=not topk,
+            has_ref=ref and not topk,
             # the rest outcome matters unless its teacher probability is 0 and the divergence forward
             rest=topk and (self.topk_mode == "tail" or self.kl == "jsd"),
             tail=topk and self.topk_mode == "tail",
