@@ -28,10 +28,12 @@ from transformers import Trainer
 from ..linear import linear_hrm_loss
 from ..loss import hrm_loss
 
-__all__ = ["HRMDistillTrainer", "compute_loss_func", "head_transform"]
+__all__ = ["HRMDistillTrainer", "compute_loss_func", "head_transform", "stored_topk"]
 
 IGNORE = -100
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")
+TARGET_KEYS = ("target_token_ids", "target_logprobs", "target_mask")  # Axolotl / vLLM top-k datasets
+TEACHER_COLUMNS = TOPK_KEYS + TARGET_KEYS
 # the relative error, max |reproduced - model's own| / max(1, max |own|), above which a head is not
 # reproduced (by dtype of the model's logits: rounding of the GEMM and of the transform in that dtype)
 HEAD_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
@@ -143,19 +145,81 @@ def _reproduces(model, head, inputs):
     return mine.shape == own.shape and bool(((mine.float() - own.float()).abs().max() / scale) <= tol)
 
 
+def stored_topk(batch, labels, target_temperature=1.0):
+    """The sparse teacher `ref_topk = (ids, logprobs)` of a batch's stored columns (popped from `batch`),
+    shifted like the labels, or None without them. Two layouts, both (B, T, K) and aligned with the logits
+    (position i holds the teacher's distribution of the token i + 1):
+
+        teacher_topk_ids, teacher_topk_logprobs      log-probabilities at temperature 1 (hrmloss's own)
+        target_token_ids, target_logprobs, target_mask     Axolotl / vLLM: log-probs stored at
+            `target_temperature` (Axolotl's kd_temperature; 1 for vLLM's), mask 0 at padding entries
+
+    Mapping of the second: ids = target_token_ids, logprobs = target_logprobs where target_mask, -inf
+    (probability 0) elsewhere; with target_temperature T_s != 1 the log-probs become log_softmax over the K
+    ids of T_s target_logprobs, the teacher at temperature 1 restricted to its ids, so topk_mode="renorm"
+    at a loss temperature T gives softmax(t / T) over the ids, exactly (lp = log softmax(t / T_s) + c).
+    With T_s = 1 they are used as stored (topk_mode="tail" needs the teacher's full-vocabulary log-probs).
+    Padding entries get ids distinct from the row's others (the K smallest ids the row does not use); a
+    position whose every entry is padding must not be counted (its label -100): it then gets a stand-in.
+    """
+    if TOPK_KEYS[0] in batch:
+        ids, lps = (batch.pop(k) for k in TOPK_KEYS)
+        for k in TARGET_KEYS:
+            batch.pop(k, None)
+        return _shift(ids), _shift(lps)
+    if TARGET_KEYS[0] not in batch:
+        return None
+    ids, lps = batch.pop(TARGET_KEYS[0]), batch.pop(TARGET_KEYS[1])
+    mask = batch.pop(TARGET_KEYS[2], None)
+    ids, lps = _shift(ids).long(), _shift(lps).float()
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else _shift(mask).bool()
+    empty = ~mask.any(-1)
+    _check_counted(empty & (labels != IGNORE))
+    mask = mask | (empty[..., None] & (torch.arange(mask.shape[-1], device=mask.device) == 0))
+    lps = torch.where(mask, torch.where(empty[..., None], 0.0, lps), float("-inf"))
+    if target_temperature != 1:
+        lps = torch.log_softmax(lps * target_temperature, -1)
+    return _distinct_padding_ids(ids, mask), lps
+
+
+def _check_counted(bad):
+    """A counted position whose teacher entries are all padding: a ValueError on the CPU, an assert on CUDA."""
+    message = ("target_mask: a position with a counted label has no valid teacher entry; expected its label -100 "
+               "or at least one target_mask entry set")
+    if bad.is_cuda:
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(f"{message} (position {tuple(bad.nonzero()[0].tolist())})")
+
+
+def _distinct_padding_ids(ids, mask):
+    """ids with each row's padding entries replaced by the smallest ids its valid entries do not use."""
+    K = ids.shape[-1]
+    candidates = torch.arange(2 * K, device=ids.device)
+    used = ((ids[..., :, None] == candidates) & mask[..., :, None]).any(-2)          # (..., 2K)
+    free_rank = torch.where(used, 2 * K, torch.cumsum(~used, -1) - 1)                 # j-th free candidate: j
+    slot = torch.cumsum(~mask, -1) - 1                                               # j-th padding entry: j
+    pick = (free_rank[..., None, :] == slot[..., :, None]).float().argmax(-1)        # (..., K)
+    return torch.where(mask, ids, candidates[pick])
+
+
 class HRMDistillTrainer(Trainer):
     """A `Trainer` whose loss is `ce + hrm * kl` against a frozen teacher model or stored top-k data.
 
     Args (besides the Trainer's):
         teacher_model: a frozen causal LM on the student's inputs (kept in eval mode, no grad), or None:
             then every batch must hold the `teacher_topk_ids` / `teacher_topk_logprobs` columns
-            ((B, T, K) ids and log-probs at temperature 1, see the module docstring), and `ref_topk` is used.
+            ((B, T, K) ids and log-probs at temperature 1, see the module docstring), or Axolotl's / vLLM's
+            `target_token_ids` / `target_logprobs` (/ `target_mask`) (`stored_topk` gives the mapping), and
+            `ref_topk` is used. The trainer keeps these columns when the Trainer removes unused ones.
         hrm: the divergence's weight.
         loss_options: other keywords of `linear_hrm_loss` / `hrm_loss` (kl, beta, temperature, topk_mode,
             ref_vocab, label_smoothing, z_loss, ...). `softcap` is an extra cap of the student's final
             logits; a model that caps them itself (a config's `final_logit_softcapping`) refuses it.
         fused: use the fused projection when the model allows it (default True); False computes the
             logits with the model's forward and calls `hrm_loss`.
+        target_temperature: the temperature at which `target_logprobs` were stored (Axolotl's
+            kd_temperature; 1 for vLLM's logprobs).
 
     Each model's objective is that of its own logits, in both paths: what its head does after lm_head(h)
     (`head_transform`: Granite's logits_scaling, Cohere's logit_scale, Gemma-2's final_logit_softcapping)
@@ -166,8 +230,10 @@ class HRMDistillTrainer(Trainer):
     Logs `ce` and `kl` (each the mean over the counted tokens, like the loss) with the loss.
     """
 
-    def __init__(self, *args, teacher_model=None, hrm=1.0, loss_options=None, fused=True, **kwargs):
+    def __init__(self, *args, teacher_model=None, hrm=1.0, loss_options=None, fused=True, target_temperature=1.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.target_temperature = target_temperature
         self.teacher_model = teacher_model
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False).to(self.args.device)
@@ -187,6 +253,12 @@ class HRMDistillTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._components = {"ce": 0.0, "kl": 0.0}  # sums since the last log (tensors: no host sync a step)
+
+    def _set_signature_columns_if_needed(self):
+        """The Trainer keeps only the columns its model's forward takes (remove_unused_columns=True, its
+        default): keep the teacher's columns too."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [k for k in TEACHER_COLUMNS if k not in self._signature_columns]
 
     def _check_heads(self, model, inputs):
         """Once, on the first batch: keep a fused head only where it reproduces the model's own logits."""
@@ -211,15 +283,17 @@ class HRMDistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")[:, 1:]
-        ids, lps = (inputs.pop(k, None) for k in TOPK_KEYS)
-        if self.teacher_model is None and ids is None:
-            raise ValueError(f"HRMDistillTrainer: no teacher_model and no {TOPK_KEYS} columns in the batch: "
-                             "expected one of them")
+        topk = stored_topk(inputs, labels, self.target_temperature)  # pops the teacher columns
+        if self.teacher_model is None and topk is None:
+            raise ValueError(f"HRMDistillTrainer: no teacher_model and no teacher columns in the batch (found "
+                             f"{sorted(inputs)}): expected teacher_model=..., or a dataset with the columns "
+                             f"{TOPK_KEYS} or {TARGET_KEYS[:2]} (+ {TARGET_KEYS[2]!r}); the trainer keeps them "
+                             "with remove_unused_columns=True, so a custom data_collator must pass them on")
         if not self._heads_checked:
             self._check_heads(model, inputs)
         # a wrapped model (DDP, ...) runs its own forward: calling its base directly would bypass the wrapper
         head = self._heads["student"] if model is self.model else None
-        teacher = dict(ref_topk=(_shift(ids), _shift(lps))) if self.teacher_model is None else \
+        teacher = dict(ref_topk=topk) if self.teacher_model is None else \
             self._teacher(inputs, head is not None)
         opts = dict(hrm=self.hrm, ignore_index=IGNORE, num_items=num_items_in_batch, return_components=True,
                     **self.loss_options)
