@@ -81,6 +81,8 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             divergence of the two distributions coarsened to K + 1 outcomes, the ids and the rest
             (p_rest = max(0, 1 - sum p_k)); T = 1 only; "forward", "reverse" or "jsd". The student's
             rest mass q_rest is summed over the ids off the top-k, never 1 - sum q_k (docs/divergences.md).
+            "renorm_both": both renormalised over the K ids, p~ as in "renorm" and q~ = softmax over the
+            ids of s / T (Axolotl's normalize_topk=True): the gradient reaches the K ids only; any kl.
         ref_vocab: "error" (default): a reference with V_ref != V columns is an error. "truncate": the
             divergence uses the first min(V, V_ref) ids of both (the student renormalised over them when
             V > V_ref; the other ids are the padding rows of lm_head that such model pairs have); the

@@ -175,3 +175,43 @@ def test_ref_softcap_of_a_reference_from_hidden_states(backend, reduction):
         hrmloss.linear_hrm_loss(c["hidden"], c["weight"], c["labels"], ref_logits=t, ref_softcap=-1.0)
     with pytest.raises(TypeError, match="ref_softcap: expected None or a number"):
         hrmloss.linear_hrm_loss(c["hidden"], c["weight"], c["labels"], ref_logits=t, ref_softcap=torch.tensor(1.0))
+
+
+def axolotl_normalize_topk_kl(s, ids, lps, T):
+    """Axolotl's top-k forward KL with normalize_topk=True, written out: the student's logits at the ids
+    divided by T and log-softmaxed over the K ids, the teacher's stored log-probs (renormalised at T)."""
+    lq = torch.log_softmax(s.double().gather(-1, ids) / T, -1)
+    return (lps.double().exp() * (lps.double() - lq)).sum(-1)
+
+
+@pytest.mark.parametrize("backend,kl", [("torch", "forward"), ("torch", "reverse"), ("torch", "jsd"),
+                                        ("triton", "jsd")])
+def test_renorm_both_matches_the_oracle(backend, kl):
+    s, _, y, ids, lps = make_topk((2, 6, 40), 5)
+    check(s, None, y, backend, hrm=0.7, kl=kl, temperature=1.5, ref_topk=(ids, lps), topk_mode="renorm_both",
+          softcap=6.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_renorm_both_is_axolotls_normalize_topk(backend):
+    s, t, y, ids, _ = make_topk((3, 4, 30), 6, ignore=False)
+    T = 2.0
+    stored = torch.log_softmax(t.gather(-1, ids) / T, -1)      # Axolotl stores log-probs renormalised at T
+    got = hrmloss.hrm_loss(s, None, y, ref_topk=(ids, stored * T), topk_mode="renorm_both", temperature=T,
+                           reduction="none", return_components=True, backend=backend)
+    torch.testing.assert_close(got.kl.double(), axolotl_normalize_topk_kl(s, ids, stored, T), rtol=1e-5, atol=1e-6)
+    # the gradient of the divergence reaches the K ids only
+    s1 = s.clone().requires_grad_()
+    hrmloss.hrm_loss(s1, None, y, ref_topk=(ids, stored * T), topk_mode="renorm_both", temperature=T,
+                     ce_weight=0.0, backend=backend).backward()
+    off = torch.ones_like(s, dtype=torch.bool).scatter(-1, ids, False)
+    assert not s1.grad[off].any() and s1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_renorm_both_fused_projection(backend):
+    c = make_linear()
+    ids, lps = make_topk((2, 7, 40), 5, seed=1)[3:]
+    go = grad_out(c, "none")
+    opts = dict(hrm=0.5, kl="reverse", topk_mode="renorm_both", reduction="none", temperature=2.0)
+    compare(run_linear(c, go, backend, 3, ref_topk=(ids, lps), **opts), oracle(c, go, None, ref_topk=(ids, lps), **opts))

@@ -25,7 +25,7 @@ from .layout import KINDS, PARAMS
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
-TOPK_MODES = ("renorm", "tail")   # a sparse teacher's semantics (docs/divergences.md)
+TOPK_MODES = ("renorm", "tail", "renorm_both")   # a sparse teacher's semantics (docs/divergences.md)
 REF_VOCABS = ("error", "truncate")  # a reference whose vocabulary size differs from the student's
 
 Value = Union[float, torch.Tensor]
@@ -92,6 +92,7 @@ class Structure(NamedTuple):
     has_ref: bool = True   # a dense reference tensor; False: a sparse (top-k) teacher or none, no reference loads
     rest: bool = False     # sparse teacher: also the student's mass off the top-k ids (PARTIAL.lse_rest)
     tail: bool = False     # sparse teacher, topk_mode="tail" (else "renorm")
+    renorm_both: bool = False  # sparse teacher, topk_mode="renorm_both": the student renormalised over the ids too
     cut: bool = False      # the reference covers the first V_ref < V columns only (ref_vocab="truncate")
 
 
@@ -136,7 +137,7 @@ class LossOptions:
         if self.topk_mode == "renorm" and self.kl == "reverse":
             raise ValueError("kl='reverse' with ref_topk and topk_mode='renorm': KL(q||p~) is infinite (the "
                              "student has mass off the teacher's top-k ids); expected kl='forward' or 'jsd', "
-                             "or topk_mode='tail'")
+                             "or topk_mode='tail' or 'renorm_both'")
         if self.topk_mode == "tail" and (is_dynamic(self.temperature) or self.temperature != 1.0):
             raise ValueError(f"temperature={self.temperature!r} with topk_mode='tail': the tail mode is exact "
                              "at the temperature of the stored log-probabilities only; expected the number 1.0 "
@@ -160,8 +161,9 @@ class LossOptions:
             check=sum(1 << i for i, name in enumerate(PARAMS) if is_dynamic(values[name])),
             has_ref=ref and not topk,
             # the rest outcome matters unless its teacher probability is 0 and the divergence forward
-            rest=topk and (self.topk_mode == "tail" or self.kl == "jsd"),
+            rest=topk and (self.topk_mode == "tail" or (self.kl == "jsd" and self.topk_mode == "renorm")),
             tail=topk and self.topk_mode == "tail",
+            renorm_both=topk and self.topk_mode == "renorm_both",
             cut=cut,
             inplace=self.inplace_backward)
 
