@@ -79,6 +79,30 @@ def test_liger_chunked_jsd(beta, kl):
     close(w2.grad, w1.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("hard", [0.0, 0.8])
+def test_liger_weights_are_ce_weight_and_hrm(hard):
+    # Liger's weight_hard_loss * CE + weight_soft_loss * JSD = linear_hrm_loss(hrm=soft, ce_weight=hard), hard = 0
+    # (pure distillation) included
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(10, 8, generator=g), torch.randn(23, 8, generator=g)
+    ht, wt = torch.randn(10, 6, generator=g), torch.randn(23, 6, generator=g)
+    y = torch.randint(0, 23, (10,), generator=g)
+    y[::4] = -100
+    liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=hard, weight_soft_loss=0.4, beta=0.3, temperature=2.0,
+                                            compiled=False, chunk_size=4)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = liger(h1, w1, ht, wt, y)
+    want.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = hrmloss.linear_hrm_loss(h2, w2, y, 0.4, ce_weight=hard, ref_hidden=ht, ref_weight=wt, kl="jsd", beta=0.3,
+                                  temperature=2.0)
+    got.backward()
+    close(got, want, atol=1e-5)
+    close(h2.grad, h1.grad, atol=1e-5)
+    close(w2.grad, w1.grad, atol=1e-5)
+
+
 def test_closed_forms():
     V = 11
     t = torch.randn(3, V, generator=torch.Generator().manual_seed(2)) * 2

@@ -10,7 +10,12 @@ Two entry points:
   the teacher's top-k log-probabilities stored in the dataset (`ref_topk` columns), with the fused
   projection (`linear_hrm_loss`: the (N, V) logits of the student, and of the teacher, are never
   materialised) when the model exposes its last hidden states and a linear `lm_head`; it logs `ce` and
-  `kl` next to the loss.
+  `kl` next to the loss. Each model's objective is that of its own logits: what its head does after
+  lm_head(h) (`head_transform`: a soft cap, a logit scale) is applied to the student and to the teacher,
+  each with its own config, once, fused or not; the first batch checks it (a head that the fused path does
+  not reproduce falls back to the model's own logits, with a warning).
+- `stored_topk`: the mapping of stored teacher data, hrmloss's `teacher_topk_*` columns or Axolotl's /
+  vLLM's `target_token_ids` / `target_logprobs` / `target_mask`, to `ref_topk`.
 
 Labels follow transformers' causal-LM convention: `labels[:, i]` is the token at position i, predicted
 from position i - 1 (the loss shifts them; -100 is ignored). Stored top-k data follow the logits:
