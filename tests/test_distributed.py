@@ -70,6 +70,10 @@ CASES = {
     "truncate_jsd_weights": dict(opts=dict(kl="jsd", temperature=2.0, ref_vocab="truncate"), ref_cut=3,
                                  weights=True),
     "triton_truncate_forward": dict(opts=dict(kl="forward", ref_vocab="truncate", backend="triton"), ref_cut=3),
+    # a weighted cross-entropy (0: pure distillation), on the dense and the sparse teacher
+    "ce_weight0_jsd_smoothing": dict(opts=dict(kl="jsd", ce_weight=0.0, label_smoothing=0.1, z_loss=1e-2)),
+    "triton_ce_weight_topk_renorm_both": dict(opts=dict(kl="reverse", topk_mode="renorm_both", ce_weight=0.4,
+                                                        temperature=2.0, backend="triton"), topk=4),
     # no reference: the fused cross-entropy family alone (hrm and temperature unused)
     "no_ref_smoothing_zloss_softcap": dict(opts=dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, hrm=0.7,
                                                      temperature=2.0), no_ref=True),

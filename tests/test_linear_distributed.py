@@ -29,6 +29,8 @@ CASES = {
     "topk_tail_jsd_none": dict(opts=dict(kl="jsd", topk_mode="tail", reduction="none"), ref="topk", topk=7),
     "truncate_logits_weights_sum": dict(opts=dict(kl="jsd", reduction="sum", ref_vocab="truncate"), ref="logits",
                                         ref_cut=3, weights=True),
+    "ce_weight_topk_renorm_both": dict(opts=dict(kl="jsd", topk_mode="renorm_both", ce_weight=0.3, hrm=0.6),
+                                       ref="topk", topk=4),
     "no_ref_smoothing_zloss_sum": dict(opts=dict(label_smoothing=0.1, z_loss=1e-2, reduction="sum"), ref="none",
                                        bias=True, weights=True),
     "truncate_hidden_none": dict(opts=dict(kl="forward", reduction="none", ref_vocab="truncate"), ref="hidden",
