@@ -1,8 +1,6 @@
 """Hugging Face transformers: hrmloss as the loss of a `Trainer` (pip install "hrmloss[hf]").
 
-Two entry points:
-
-- `compute_loss_func(**options)`: a drop-in for `Trainer(compute_loss_func=...)`. The Trainer hands it the
+- `compute_loss_func(model=None, **options)`: a drop-in for `Trainer(compute_loss_func=...)`. The Trainer hands it the
   model outputs, the labels and `num_items_in_batch` only, so it computes the student's fused
   cross-entropy family (label smoothing, z-loss, soft cap) from `outputs.logits`, against a teacher only
   when the outputs carry one (`outputs["ref_logits"]`, e.g. from a wrapper model).
@@ -68,8 +66,10 @@ def head_transform(model):
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    number = lambda name: getattr(config, name, None) if isinstance(getattr(config, name, None), (int, float)) \
-        and not isinstance(getattr(config, name, None), bool) else None  # noqa: E731
+
+    def number(name):
+        value = getattr(config, name, None)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     scale = None
     if number("logits_scaling") not in (None, 1):
         scale = 1.0 / number("logits_scaling")
