@@ -77,9 +77,9 @@ def topk_divergence(s, ids, logprobs, mode="renorm", kl="forward", beta=0.5, tem
     if mode == "renorm":
         p = torch.zeros_like(lq).scatter(-1, ids, F.softmax(lps / temperature, -1))
         q = lq.exp()
-    elif mode == "renorm_both":  # both distributions restricted to the K ids and renormalised there
+    elif mode == "renorm_both":  # both restricted to the K ids (of finite log-prob) and renormalised there
         p = F.softmax(lps / temperature, -1)
-        q = F.softmax(s.gather(-1, ids) / temperature, -1)
+        q = F.softmax((s.gather(-1, ids) / temperature).masked_fill(lps.isneginf(), float("-inf")), -1)
     else:
         off = torch.ones_like(lq, dtype=torch.bool).scatter(-1, ids, False)
         q_rest = torch.where(off, lq.exp(), 0.0).sum(-1, keepdim=True)

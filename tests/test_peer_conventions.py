@@ -112,3 +112,51 @@ def test_axolotl_topk_kd(normalize_topk, num_items):
         topk_mode="renorm_both" if normalize_topk else "renorm", backend="torch"), s)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-10)
+
+
+def _axolotl_forward_kl():
+    """Axolotl's own top-k forward KL (axolotl/integrations/kd/topk_logprob/forward_kl.py), loaded from its
+    file: the axolotl package itself imports peft and more, which the loss never uses. None without it."""
+    spec = importlib.util.find_spec("axolotl")
+    if spec is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "integrations", "kd", "topk_logprob", "forward_kl.py")
+    if not os.path.exists(path):
+        return None
+    module_spec = importlib.util.spec_from_file_location("_axolotl_forward_kl", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.loss
+
+
+def test_axolotl_own_forward_kl_through_the_trainer_mapping():
+    # Axolotl's stored columns (padding entries in target_mask, positions without a teacher masked) mapped
+    # by HRMDistillTrainer's stored_topk, against Axolotl's own loss, with num_items_in_batch
+    loss = _axolotl_forward_kl()
+    if loss is None:
+        pytest.skip("axolotl is not installed")
+    pytest.importorskip("transformers")
+    from hrmloss.integrations.transformers import stored_topk
+    s, t, y, ids, _ = make_topk((2, 7, 30), 5)
+    T = 2.0
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(ids.shape, generator=g) > 0.3
+    mask[..., 0] = True
+    mask &= (y != -100)[..., None]  # Axolotl masks positions by target_mask alone
+    lps = torch.log_softmax((t.gather(-1, ids) / T).masked_fill(~mask, float("-inf")), -1)
+    lps = torch.where(mask, lps, -5.0)  # what a padding entry holds is not read
+    ids = torch.where(mask, ids, 0)
+    n = 9
+    s1 = s.clone().requires_grad_()
+    want = loss(s1, ids, lps, mask.long(), num_items_in_batch=n, kd_temperature=T)
+    want.backward()
+    # the trainer's columns follow the logits and its labels are shifted: pad one position on each
+    cols = dict(target_token_ids=F.pad(ids, (0, 0, 0, 1)), target_logprobs=F.pad(lps, (0, 0, 0, 1)),
+                target_mask=F.pad(mask.long(), (0, 0, 0, 1)))
+    ref_topk = stored_topk(cols, y, target_temperature=T)
+    s2 = s.clone().requires_grad_()
+    got = hrmloss.hrm_loss(s2, None, y, 1.0, ce_weight=0.0, temperature=T, ref_topk=ref_topk, num_items=n,
+                           backend="torch")
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-7)

@@ -10,7 +10,8 @@ student's logits at the K ids and K + 1 outcome probabilities per row (docs/dive
     renorm: p_k = softmax_k(lp / T)        p_rest = 0
     tail:   p_k = exp(lp_k)                p_rest = max(0, 1 - sum_k p_k)    (T = 1)
     renorm_both: p_k as renorm, and the student too: q_k = softmax_k(u_k), q_rest = 0 (Axolotl's
-            normalize_topk=True); the gradient is at the ids only, q_k (r_k - R), coef = 0
+            normalize_topk=True), over the ids of finite log-prob; the gradient is at the ids only,
+            q_k (r_k - R), coef = 0
     forward kl = sum_o p_o log(p_o / q_o),   reverse = sum_o q_o log(q_o / p_o),
     jsd = beta sum_o p_o log(p_o / m_o) + (1 - beta) sum_o q_o log(q_o / m_o),  m = beta p + (1 - beta) q
 
@@ -65,7 +66,9 @@ def divergence(u, logprobs, partial, params, st, live, vocab_size):
     vocab_size: the whole vocabulary (with K = V there is no rest outcome)."""
     acc = u.dtype
     lse_u = partial[:, PARTIAL.lse_u]
-    if st.renorm_both:  # the student renormalised over the ids too: q~_k = softmax_k(u_k), no rest outcome
+    if st.renorm_both:  # the student renormalised over the teacher's ids too (those of finite log-prob:
+        # a padding entry, log-prob -inf, is in neither): q~_k = softmax_k(u_k), no rest outcome
+        u = torch.where(logprobs == NEG_INF, NEG_INF, u)
         lse_u = torch.logsumexp(u, -1)
     lq = torch.cat((u - lse_u[:, None], (partial[:, PARTIAL.lse_rest] - lse_u)[:, None]), 1)  # (N, K + 1)
     if not st.rest:  # forward "renorm", "renorm_both": p_rest = 0 (= q_rest), the rest outcome never enters
