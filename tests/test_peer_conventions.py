@@ -84,7 +84,8 @@ def test_torchtune_kd_losses(source):
 
 def _axolotl(s, y, ids, stored, T, kd_alpha, kd_ce_alpha, normalize_topk, num_items=None):
     """Axolotl's top-k KD objective from its definition, float64: kd_ce_alpha CE + kd_alpha loss_kd with
-    loss_kd = T^2 sum over valid entries of p_k (lp_k - lq_k) / (num_items or the valid entries)."""
+    loss_kd = T^2 sum over valid entries of p_k (lp_k - lq_k) / (num_items or the valid entries): its
+    trainer's T^2 and num_items_in_batch, and the valid-entry mean of its forward_kl.loss without them."""
     s = s.double()
     at_ids = s.gather(-1, ids) / T
     lq = at_ids - torch.logsumexp(at_ids, -1, keepdim=True) if normalize_topk else \
