@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 
 import hrmloss
 from hrmloss.engine.frontend import make_call
+from hrmloss.engine.layout import KINDS
 from .harness import BACKENDS, check, make, run
 from .test_linear_distill import compare, grad_out, oracle, run as run_linear
 from .test_linear_distill import make as make_linear
@@ -53,6 +54,7 @@ def test_no_reference_reads_no_reference():
     call = make_call(dict(hrm=torch.tensor(2.0), kl="jsd", temperature=2.0), torch.device("cpu"),
                      (torch.float32,), ref=False)
     assert not call.st.has_ref and call.st.hrm_zero and not call.st.scaled and not call.st.rest
+    assert call.st.kind == KINDS.forward
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -68,11 +68,12 @@ def make_call(options, device, dtypes, *, return_components=False, num_items=Non
 
     options: the LossOptions keywords as given. Builds the runtime-scalar tensor on the device.
     topk: the reference is a sparse teacher; cut: a dense reference with fewer columns than the student;
-    ref=False: no reference at all (the CE family alone: hrm is the number 0, the temperature 1).
+    ref=False: no reference at all (the CE family alone: hrm the number 0, T = 1, kl "forward": the kernel
+    variants of a sparse teacher's renorm mode, no reference read, no T path, no JSD pass).
     """
     opts = LossOptions(**options)
-    if not ref and not topk:  # checked as given, then without a divergence: no reference read, no T path
-        opts = dataclasses.replace(opts, hrm=0.0, temperature=1.0)
+    if not ref and not topk:  # checked as given, then without a divergence
+        opts = dataclasses.replace(opts, hrm=0.0, temperature=1.0, kl="forward")
     if topk:
         opts.check_topk()
     checks.check_bool("return_components", return_components)
