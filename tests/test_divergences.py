@@ -38,7 +38,10 @@ def _trl_generalized_jsd(s, t, beta, T):
             fn = getattr(getattr(importlib.import_module(module), owner), "generalized_jsd_loss")
         except (ImportError, AttributeError):
             continue
-        return fn(s[None], t[None], beta=beta, temperature=T, reduction="batchmean")
+        # with labels, "batchmean" is the mean over the counted tokens (without, TRL 1.16 divides by the
+        # batch size: tests/test_trl.py)
+        return fn(s[None], t[None], labels=torch.zeros(1, s.shape[0], dtype=torch.long), beta=beta,
+                  temperature=T, reduction="batchmean")
     return None
 
 
