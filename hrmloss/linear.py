@@ -50,6 +50,7 @@ import torch
 
 from .engine import chunked, sparse
 from .engine.frontend import LossModule, finish, prepare_linear
+from .engine.options import LossOptions, check_value
 from .engine.reduce import reduce_rows
 
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias", "ref_topk", "token_weights")
@@ -110,12 +111,24 @@ def _detach(x):
     return None if x is None else x.detach()
 
 
+def _check_ref_softcap(ref_softcap, dense_ref):
+    """ref_softcap: None, or a value with softcap's range, for a dense reference only."""
+    if ref_softcap is None:
+        return None
+    if not dense_ref:
+        raise ValueError(f"ref_softcap={ref_softcap!r} without ref_logits or ref_hidden: expected None (a sparse "
+                         "teacher's log-probabilities are stored after the teacher's own cap)")
+    if isinstance(ref_softcap, torch.Tensor):  # its range could not be checked without a host sync
+        raise TypeError("ref_softcap: expected None or a number (a model config's cap), got a tensor")
+    return check_value("ref_softcap", ref_softcap, LossOptions.__dataclass_fields__["softcap"].metadata["range"])
+
+
 def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=None, ref_hidden=None,
                     ref_weight=None, ref_bias=None, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
                     reduction="mean", return_components=False, chunk_size=None, chunk_bytes=None,
                     grad_acc_dtype=None, backend="auto", label_smoothing=0.0, z_loss=0.0, softcap=None,
                     num_items=None, process_group=None, check_finite=False, ref_topk=None, topk_mode="renorm",
-                    ref_vocab="error", token_weights=None):
+                    ref_vocab="error", token_weights=None, ref_softcap=None, ce_weight=1.0):
     """`hrm_loss` of the logits `hidden @ weight.T (+ bias)`, without ever holding all N x V of them.
 
     With s = hidden @ weight.T + bias (student) and t the reference logits, per token i (docs/design.md §1):
@@ -123,7 +136,7 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         ce_i   = logsumexp(s_i) - s_i[y_i]       (with label smoothing and soft cap as in hrm_loss)
         kl_i   = KL(p_T || q_T)  (kl="forward"),  KL(q_T || p_T)  (kl="reverse"),
                  beta KL(p_T || m) + (1 - beta) KL(q_T || m),  m = beta p_T + (1 - beta) q_T  (kl="jsd")
-        loss_i = ce_i + hrm * kl_i + z_i,   q_T = softmax(s_i / T),  p_T = softmax(t_i / T)
+        loss_i = ce_weight * ce_i + hrm * kl_i + z_i,   q_T = softmax(s_i / T),  p_T = softmax(t_i / T)
 
     computed over chunks of tokens: peak extra memory O(chunk x V) plus the (N, H) gradient of hidden and
     the (V, H) accumulator of the gradient of weight (docs/linear.md). GEMMs: 3 student ones of 2 N H V
@@ -144,14 +157,19 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
             (V, H_ref) and optional bias (V,), one float dtype; the reference logits are then computed
             chunk by chunk too; or instead
         ref_topk, topk_mode: a sparse teacher (indices, logprobs), each labels.shape + (K,), as in
-            `hrm_loss` (no reference GEMM). Exactly one of the three forms. The reference side is a constant.
+            `hrm_loss` (no reference GEMM). At most one of the three forms; none: no reference, the fused
+            cross-entropy family alone (kl = 0, hrm unused). The reference side is a constant.
         ref_vocab: "error" (default) or "truncate", as in `hrm_loss`: ref_logits / ref_weight may then have
             V_ref != V classes; the divergence uses the first min(V, V_ref) ids (only the first V rows of
             a larger ref_weight are multiplied, only the first V columns of larger ref_logits are read).
         token_weights: (...) = labels.shape, float, >= 0, as in `hrm_loss`: each token's loss (and its
             gradient) is multiplied by its weight; "mean" divides by the weight sum of counted tokens.
+        ref_softcap: None, or a number c > 0: the reference's own soft cap, its
+            logits become c tanh(t / c) chunk by chunk in the GEMM dtype, before the temperature (a Gemma-2
+            teacher's final_logit_softcapping given as ref_hidden + ref_weight). `softcap` caps the student
+            only. Needs ref_logits or ref_hidden.
         kl, beta, temperature, ignore_index, reduction, backend, label_smoothing, z_loss, softcap,
-        num_items, check_finite: as in `hrm_loss` (the value options may be 0-dim tensors there too).
+        num_items, check_finite, ce_weight: as in `hrm_loss` (the value options may be 0-dim tensors there too).
         return_components: return `HRMLossOutput(loss, ce, kl, z)` instead of the loss alone.
         chunk_size: tokens per chunk; wins over chunk_bytes.
         chunk_bytes: memory budget of one chunk's (chunk, V) buffers (student logits, overwritten by
@@ -177,9 +195,11 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
 
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
+    ref_softcap = _check_ref_softcap(ref_softcap, ref_logits is not None or ref_hidden is not None)
     p = prepare_linear(locals())
+    plan = p.plan if ref_softcap is None else p.plan._replace(ref_softcap=ref_softcap)
     out = LinearHRMLossFunction.apply(
-        hidden, weight, bias, p.labels, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), p.plan,
+        hidden, weight, bias, p.labels, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan,
         *(p.topk if p.topk is not None else (None, None)), p.weights)
     return finish(p, *out, labels)
 

@@ -10,7 +10,7 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
              ignore_index=-100, reduction="mean", return_components=False, backend="auto",
              label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None, process_group=None,
              check_finite=False, inplace_backward=False, ref_topk=None, topk_mode="renorm", ref_vocab="error",
-             token_weights=None):
+             token_weights=None, ce_weight=1.0):
     """Fused causal-LM cross-entropy plus `hrm` times a divergence to a reference, in one pass.
 
     Per token i with student logits s, reference logits t, label y (docs/design.md §1):
@@ -20,7 +20,7 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         kl_i   = KL(p_T || q_T)  (kl="forward"),  KL(q_T || p_T)  (kl="reverse"),
                  beta KL(p_T || m) + (1 - beta) KL(q_T || m),  m = beta p_T + (1 - beta) q_T  (kl="jsd")
         z_i    = z_loss * logsumexp(s)^2
-        loss_i = ce_i + hrm * kl_i + z_i,   q_T = softmax(s / T),  p_T = softmax(t / T)
+        loss_i = ce_weight * ce_i + hrm * kl_i + z_i,   q_T = softmax(s / T),  p_T = softmax(t / T)
 
     Args:
         logits: (..., V) float32 / bfloat16 / float16, the student. Receives the gradient (its dtype).
@@ -28,9 +28,14 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         ref_logits: (..., V), any of those dtypes, the reference. Receives a gradient when it requires
             grad (co-training, a learned reference), computed in the same backward pass; when it does
             not, it costs no extra memory traffic. None with `ref_topk`. Another number of columns
-            V_ref != V is an error unless ref_vocab="truncate".
+            V_ref != V is an error unless ref_vocab="truncate". None without ref_topk: no reference, the
+            fused cross-entropy family alone (ce + z, with label smoothing, soft cap, token weights,
+            vocabulary-parallel): kl = 0, hrm and temperature unused, each pass reads the logits only.
         labels: (...) int64 or int32, values in [0, V) or `ignore_index`.
         hrm: weight of the divergence, finite and >= 0: a number or a 0-dim float tensor (see "Values").
+        ce_weight: weight of the cross-entropy, finite and >= 0 (default 1), a value like hrm: 0 gives pure
+            distillation (hrm * kl + z, a CE that is infinite counts nowhere). The z-loss term is not
+            weighted by it, and the returned ce, kl, z are unweighted.
         kl: "forward", "reverse" or "jsd".
         beta: the mixture weight of "jsd", 0 < beta < 1 (checked, unused by the other kinds). A value.
         temperature: T > 0 (at least the smallest normal float32, ~1.18e-38), applied to the divergence
@@ -80,6 +85,8 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             divergence of the two distributions coarsened to K + 1 outcomes, the ids and the rest
             (p_rest = max(0, 1 - sum p_k)); T = 1 only; "forward", "reverse" or "jsd". The student's
             rest mass q_rest is summed over the ids off the top-k, never 1 - sum q_k (docs/divergences.md).
+            "renorm_both": both renormalised over the K ids, p~ as in "renorm" and q~ = softmax over the
+            ids of s / T (Axolotl's normalize_topk=True): the gradient reaches the K ids only; any kl.
         ref_vocab: "error" (default): a reference with V_ref != V columns is an error. "truncate": the
             divergence uses the first min(V, V_ref) ids of both (the student renormalised over them when
             V > V_ref; the other ids are the padding rows of lm_head that such model pairs have); the
@@ -89,7 +96,7 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
             of counted tokens (the mean is 0 when that sum is 0), or by num_items when given: then
             num_items must be the global weight sum for accumulated micro-batches to equal one batch.
 
-    Values: hrm, temperature, beta, label_smoothing, z_loss and softcap are each a Python number or a
+    Values: hrm, ce_weight, temperature, beta, label_smoothing, z_loss and softcap are each a Python number or a
     0-dim float tensor (any float dtype, on the CPU or on the logits' device; never differentiated).
     A new value never recompiles a kernel or a `torch.compile` graph and never syncs the host. A Python
     number is checked at the call, as the float32 it becomes; a tensor's range is checked inside the

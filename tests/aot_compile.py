@@ -47,12 +47,16 @@ DIVISIBLE_INTS = ("s_stride_b", "s_stride_t", "t_stride_b", "t_stride_t", "ds_st
 # summed (REST); a dense reference of fewer columns (CUT, ref_vocab="truncate")
 DENSE = dict(HAS_REF=True, REST=False, CUT=False, K_PAD=1)
 TOPK = dict(HAS_REF=False, REST=True, CUT=False, K_PAD=64)
+# no reference read at all: the CE family alone (ref_logits=None), and a sparse teacher whose rest mass is
+# not needed (renorm forward, renorm_both): the student's row only
+NO_REF = dict(HAS_REF=False, REST=False, CUT=False, K_PAD=1)
 CUT = dict(DENSE, CUT=True)
 # role -> (kernel, [constexpr variants]); BLOCK_V (and ELEMS) come from the launcher
 ROLES = {
     "stats": (stats._hrm_stats_kernel, [dict(SCALED=sc, SOFTCAP=cap, **DENSE) for cap in (False, True)
                                     for sc in (False, True)]
-              + [dict(SCALED=False, SOFTCAP=False, **TOPK), dict(SCALED=False, SOFTCAP=False, **CUT)]),
+              + [dict(SCALED=False, SOFTCAP=False, **TOPK), dict(SCALED=False, SOFTCAP=False, **CUT),
+                 dict(SCALED=False, SOFTCAP=False, **NO_REF)]),
     "jsd": (jsd._hrm_jsd_kernel, [dict(SCALED=sc, SOFTCAP=cap, CUT=False) for cap in (False, True)
                                 for sc in (False, True)]
             + [dict(SCALED=False, SOFTCAP=False, CUT=True)]),
@@ -62,7 +66,8 @@ ROLES = {
              + [dict(KIND=k, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **DENSE) for k in (1, 2)]
              + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **DENSE)]
              + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **TOPK),
-                dict(KIND=2, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **CUT)]),
+                dict(KIND=2, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **CUT),
+                dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **NO_REF)]),
 }
 LOOP_TARGETS = {("stats", False): 30, ("stats", True): 36, ("jsd", False): 36, ("jsd", True): 36,
                 ("grad", False): 45, ("grad", True): 45}

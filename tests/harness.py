@@ -25,23 +25,24 @@ def run(s, t, y, backend, grad_out=None, ref_grad=False, **kw):
     device and returns the results on the CPU."""
     backend, _, device = backend.partition("@")
     if device:
-        s, t, y = s.to(device), t.to(device), y.to(device)
+        s, y = s.to(device), y.to(device)
+        t = None if t is None else t.to(device)
         grad_out = grad_out.to(device) if grad_out is not None else None
     s = s.detach().requires_grad_(True)  # keeps the strides of a view
-    t = t.detach().requires_grad_(ref_grad)
+    t = None if t is None else t.detach().requires_grad_(ref_grad)  # None: no reference
     out = hrmloss.hrm_loss(s, t, y, backend=backend, return_components=True, **kw)
     out.loss.backward(grad_out if grad_out is not None else torch.ones_like(out.loss))
-    got = out.loss.detach(), out.ce, out.kl, out.z, s.grad, t.grad
+    got = out.loss.detach(), out.ce, out.kl, out.z, s.grad, None if t is None else t.grad
     return tuple(x.cpu() if x is not None else None for x in got) if device else got
 
 
 def truth(s, t, y, grad_out=None, ref_grad=False, **kw):
     """The same tuple from the float64 reference on the same (rounded) inputs."""
     s64 = s.detach().double().requires_grad_(True)
-    t64 = t.detach().double().requires_grad_(ref_grad)
+    t64 = None if t is None else t.detach().double().requires_grad_(ref_grad)
     loss, ce, kl, z = reference_loss(s64, t64, y, **kw)
     loss.backward(grad_out.double() if grad_out is not None else torch.ones_like(loss))
-    return loss.detach(), ce, kl, z, s64.grad, t64.grad
+    return loss.detach(), ce, kl, z, s64.grad, None if t64 is None else t64.grad
 
 
 def close(a, b, atol=2e-5, rtol=2e-5):
@@ -56,7 +57,7 @@ def check(s, t, y, backend, atol=2e-5, grad_out=None, ref_grad=False, **kw):
         if name == "ref_grad" and not ref_grad:
             assert a is None and b is None
             continue
-        dtype = {"grad": s.dtype, "ref_grad": t.dtype}.get(name, torch.float32)
+        dtype = s.dtype if name == "grad" else t.dtype if name == "ref_grad" else torch.float32
         assert a.dtype == dtype, name
         assert a.shape == b.shape, name
         # fp32 cancellation error grows with the size of the terms: hrm / T times the log-ratios

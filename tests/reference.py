@@ -33,7 +33,7 @@ def divergence(s, t, kl="forward", beta=0.5, temperature=1.0):
 
 def reference_loss(s, t, y, hrm=1.0, kl="forward", beta=0.5, temperature=1.0, ignore_index=-100,
                    reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, num_items=None,
-                   ref_topk=None, topk_mode="renorm", ref_vocab="error", token_weights=None):
+                   ref_topk=None, topk_mode="renorm", ref_vocab="error", token_weights=None, ce_weight=1.0):
     """(loss, ce, kl, z) reduced like hrm_loss, float64; ignored tokens count nowhere.
 
     t: (..., V_t) dense reference (V_t != V: the first min(V, V_t) ids of both, ref_vocab="truncate"), or
@@ -49,6 +49,8 @@ def reference_loss(s, t, y, hrm=1.0, kl="forward", beta=0.5, temperature=1.0, ig
     if ref_topk is not None:
         ids, lps = (x.reshape(-1, x.shape[-1]) for x in ref_topk)
         k = topk_divergence(s64, ids, lps, topk_mode, kl, beta, temperature)
+    elif t is None:  # no reference: the cross-entropy family alone
+        k = torch.zeros_like(s64[:, 0])
     else:
         t64 = t.double().reshape(-1, t.shape[-1])
         v = min(V, t64.shape[-1])
@@ -59,7 +61,7 @@ def reference_loss(s, t, y, hrm=1.0, kl="forward", beta=0.5, temperature=1.0, ig
     w = None if token_weights is None else token_weights.double().reshape(-1)
     if w is not None:
         ce, k, z = ce * w, k * w, z * w
-    loss = ce + hrm * k + z if hrm else ce + z
+    loss = (ce_weight * ce if ce_weight else 0 * z) + (hrm * k if hrm else 0 * z) + z
 
     def red(x):
         if reduction == "none":
@@ -85,6 +87,9 @@ def topk_divergence(s, ids, logprobs, mode="renorm", kl="forward", beta=0.5, tem
     if mode == "renorm":
         p = torch.zeros_like(lq).scatter(-1, ids, F.softmax(lps / temperature, -1))
         q = lq.exp()
+    elif mode == "renorm_both":  # both restricted to the K ids (of finite log-prob) and renormalised there
+        p = F.softmax(lps / temperature, -1)
+        q = F.softmax((s.gather(-1, ids) / temperature).masked_fill(lps.isneginf(), float("-inf")), -1)
     else:
         off = torch.ones_like(lq, dtype=torch.bool).scatter(-1, ids, False)
         q_rest = torch.where(off, lq.exp(), 0.0).sum(-1, keepdim=True)

@@ -1,7 +1,7 @@
 """Every kernel variant builds for real GPUs (sm_80, sm_90) with the launcher's configuration, without
 spills, and the passes meet their static instruction budgets (issue 12; docs/performance.md).
 
-One subprocess compiles the subset of the table at V = 128256 (76 variants, ~1 minute of CPU on this
+One subprocess compiles the subset of the table at V = 128256 (104 variants, ~1 minute of CPU on this
 machine; `python -m tests.aot_compile --update docs/performance.md` writes the full table, which adds
 no compile: the launcher configures every V of the table alike).
 """

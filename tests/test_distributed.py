@@ -70,6 +70,15 @@ CASES = {
     "truncate_jsd_weights": dict(opts=dict(kl="jsd", temperature=2.0, ref_vocab="truncate"), ref_cut=3,
                                  weights=True),
     "triton_truncate_forward": dict(opts=dict(kl="forward", ref_vocab="truncate", backend="triton"), ref_cut=3),
+    # a weighted cross-entropy (0: pure distillation), on the dense and the sparse teacher
+    "ce_weight0_jsd_smoothing": dict(opts=dict(kl="jsd", ce_weight=0.0, label_smoothing=0.1, z_loss=1e-2)),
+    "triton_ce_weight_topk_renorm_both": dict(opts=dict(kl="reverse", topk_mode="renorm_both", ce_weight=0.4,
+                                                        temperature=2.0, backend="triton"), topk=4),
+    # no reference: the fused cross-entropy family alone (hrm and temperature unused)
+    "no_ref_smoothing_zloss_softcap": dict(opts=dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, hrm=0.7,
+                                                     temperature=2.0), no_ref=True),
+    "triton_no_ref_weights_none": dict(opts=dict(reduction="none", label_smoothing=0.2, backend="triton"),
+                                       no_ref=True, weights=True),
 }
 ERRORS = {  # what every rank must raise: ValueError whose message holds this text
     "v_local": "V_local",
@@ -157,7 +166,8 @@ def _make_job(name, case, world):
     gout = torch.rand(y.shape, generator=gen) + 0.5 if case["opts"].get("reduction") == "none" else None
     return dict(kind="loss", opts=opts, s=s, t=t, labels=labels, bounds=bounds,
                 shift=bool(case.get("shift")), module=bool(case.get("module")), tp=tp, gout=gout,
-                pad=PAD if case.get("mask") == "pad" else 0, ref_grad=bool(case.get("ref_grad")))
+                pad=PAD if case.get("mask") == "pad" else 0, ref_grad=bool(case.get("ref_grad")),
+                no_ref=bool(case.get("no_ref")))
 
 
 def _tiny_model(V, dim):
@@ -212,7 +222,7 @@ def _loss_job(rank, world, job, group):
     local = job["s"][..., lo:hi].clone().requires_grad_()
     ref_local = job["t"][..., lo:hi].clone().requires_grad_(job["ref_grad"])
     x, ref = (local[:, :-1], ref_local[:, :-1]) if job["shift"] else (local, ref_local)
-    if "ref_topk" in job["opts"]:
+    if "ref_topk" in job["opts"] or job["no_ref"]:
         ref = None
     try:
         with _CollectiveLog() as fwd:
@@ -285,7 +295,7 @@ def _single_process(job):
     s = job["s"].clone().requires_grad_()
     t = job["t"].clone().requires_grad_(job["ref_grad"])
     x, ref = (s[:, :-1], t[:, :-1]) if job["shift"] else (s, t)
-    if "ref_topk" in job["opts"]:
+    if "ref_topk" in job["opts"] or job["no_ref"]:
         ref = None
     out = hrm_loss(x, ref, job["labels"][0], **job["opts"], return_components=True)
     out.loss.backward(job["gout"])
@@ -298,7 +308,7 @@ def _reference(job):
     s = job["s"][..., :keep].double().requires_grad_()
     t = job["t"][..., :keep].double().requires_grad_(job["ref_grad"])
     x, ref = (s[:, :-1], t[:, :-1]) if job["shift"] else (s, t)
-    if "ref_topk" in job["opts"]:
+    if "ref_topk" in job["opts"] or job["no_ref"]:
         ref = None
     ref_opts = {k: v for k, v in job["opts"].items() if k != "backend"}
     out = reference_loss(x, ref, job["labels"][0], ignore_index=IGNORE, **ref_opts)
@@ -393,7 +403,7 @@ def test_collectives_are_few_small_all_reduces_and_none_in_backward(group_run, n
     expected = [("all_reduce", 6), ("all_reduce", n_lse * n), ("all_reduce", len(PARTIAL) * n)]
     if "ref_topk" in job["opts"]:  # every id's student logit, from the shard that owns it
         expected.append(("all_reduce", job["opts"]["ref_topk"][0].shape[-1] * n))
-    elif job["opts"]["kl"] == "jsd":
+    elif job["opts"].get("kl", "forward") == "jsd" and not job["no_ref"]:  # no reference: no JSD pass
         expected.append(("all_reduce", 2 * n))
     for r, res in enumerate(results):
         assert res[name]["fwd"] == expected, f"rank {r}"

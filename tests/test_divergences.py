@@ -38,7 +38,10 @@ def _trl_generalized_jsd(s, t, beta, T):
             fn = getattr(getattr(importlib.import_module(module), owner), "generalized_jsd_loss")
         except (ImportError, AttributeError):
             continue
-        return fn(s[None], t[None], beta=beta, temperature=T, reduction="batchmean")
+        # with labels, "batchmean" is the mean over the counted tokens (without, TRL 1.16 divides by the
+        # batch size: tests/test_trl.py)
+        return fn(s[None], t[None], labels=torch.zeros(1, s.shape[0], dtype=torch.long), beta=beta,
+                  temperature=T, reduction="batchmean")
     return None
 
 
@@ -73,6 +76,30 @@ def test_liger_chunked_jsd(beta, kl):
     h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
     got = 0.8 * hrmloss.linear_hrm_loss(h2, w2, y, 0.4 / 0.8, ref_hidden=ht, ref_weight=wt, kl=kl,
                                         beta=beta if kl == "jsd" else 0.5, temperature=2.0)
+    got.backward()
+    close(got, want, atol=1e-5)
+    close(h2.grad, h1.grad, atol=1e-5)
+    close(w2.grad, w1.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("hard", [0.0, 0.8])
+def test_liger_weights_are_ce_weight_and_hrm(hard):
+    # Liger's weight_hard_loss * CE + weight_soft_loss * JSD = linear_hrm_loss(hrm=soft, ce_weight=hard), hard = 0
+    # (pure distillation) included
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(10, 8, generator=g), torch.randn(23, 8, generator=g)
+    ht, wt = torch.randn(10, 6, generator=g), torch.randn(23, 6, generator=g)
+    y = torch.randint(0, 23, (10,), generator=g)
+    y[::4] = -100
+    liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=hard, weight_soft_loss=0.4, beta=0.3, temperature=2.0,
+                                            compiled=False, chunk_size=4)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = liger(h1, w1, ht, wt, y)
+    want.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = hrmloss.linear_hrm_loss(h2, w2, y, 0.4, ce_weight=hard, ref_hidden=ht, ref_weight=wt, kl="jsd", beta=0.3,
+                                  temperature=2.0)
     got.backward()
     close(got, want, atol=1e-5)
     close(h2.grad, h1.grad, atol=1e-5)

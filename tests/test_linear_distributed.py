@@ -29,6 +29,10 @@ CASES = {
     "topk_tail_jsd_none": dict(opts=dict(kl="jsd", topk_mode="tail", reduction="none"), ref="topk", topk=7),
     "truncate_logits_weights_sum": dict(opts=dict(kl="jsd", reduction="sum", ref_vocab="truncate"), ref="logits",
                                         ref_cut=3, weights=True),
+    "ce_weight_topk_renorm_both": dict(opts=dict(kl="jsd", topk_mode="renorm_both", ce_weight=0.3, hrm=0.6),
+                                       ref="topk", topk=4),
+    "no_ref_smoothing_zloss_sum": dict(opts=dict(label_smoothing=0.1, z_loss=1e-2, reduction="sum"), ref="none",
+                                       bias=True, weights=True),
     "truncate_hidden_none": dict(opts=dict(kl="forward", reduction="none", ref_vocab="truncate"), ref="hidden",
                                  ref_cut=3, bias=True),
 }
@@ -65,7 +69,7 @@ def _loss(job, group=None, rank=0, world=1):
     ref_rows = slice(rows.start, min(rows.stop, v_ref)) if group is not None else slice(0, v_ref)
     ref = {"logits": dict(ref_logits=job["ref_logits"][..., ref_rows]),
            "hidden": dict(ref_hidden=job["ref_hidden"], ref_weight=job["ref_weight"][ref_rows]),
-           "topk": {}}[job["ref"]]
+           "topk": {}, "none": {}}[job["ref"]]
     if job["module"]:
         out = hrmloss.LinearHRMLoss(**job["opts"], chunk_size=5, return_components=True, process_group=group)(
             hidden, weight, job["labels"], bias=bias, **ref, **job["opts_tensors"])

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 import hrmloss
 from .harness import BACKENDS, make, run
 
-VALUES = dict(hrm=0.7, temperature=1.7, beta=0.3, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+VALUES = dict(hrm=0.7, temperature=1.7, beta=0.3, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, ce_weight=0.6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -62,6 +62,7 @@ BAD = [
     (dict(label_smoothing=torch.tensor(1.0)), ValueError, "label_smoothing"),
     (dict(z_loss=torch.tensor(-0.5)), ValueError, "z_loss"),
     (dict(softcap=torch.tensor(0.0)), ValueError, "softcap"),
+    (dict(ce_weight=torch.tensor(-0.5)), ValueError, "ce_weight"),
     (dict(hrm=torch.tensor([0.5, 0.5])), TypeError, "hrm: expected a number or a 0-dim float tensor"),
     (dict(hrm=torch.tensor(1)), TypeError, "hrm"),
     (dict(temperature=torch.tensor(2.0, device="meta")), ValueError, "temperature is a tensor on meta"),

@@ -46,6 +46,9 @@ def forward_rows(logits, ref_logits, labels, params, st, backend, shard=None, to
         live = labels != st.ignore_index
         kl, coef, corr = sparse.divergence(u, lps, partial, params, st, live, V)
         topk_kl = (kl, coef)
+    elif not st.has_ref:  # no reference: the CE family alone, kl = 0 and no divergence gradient (coef = 0)
+        zero = partial.new_zeros(partial.shape[0])
+        topk_kl = (zero, zero)
     elif st.kind == KINDS.jsd:  # JSD: a second pass, with the normalisers of the whole vocabulary
         lse_uw = partial[:, [PARTIAL.lse_u, PARTIAL.lse_w]]
         jsd = ops.jsd_sums(logits, t, labels, lse_uw, params, structure, backend)

@@ -83,8 +83,8 @@ def check_logits(logits, ref_logits, labels, ref_vocab="error", topk=False):
         if ref_logits is not None:
             raise ValueError("ref_logits and ref_topk were both given: expected ref_logits=None with ref_topk")
         return None
-    if ref_logits is None:
-        raise ValueError("ref_logits=None: expected reference logits, or ref_topk=(indices, logprobs)")
+    if ref_logits is None:  # no reference: the fused cross-entropy family alone
+        return None
     check_tensor("ref_logits", ref_logits, FLOAT_DTYPES + TORCH_ONLY_DTYPES)
     if ref_logits.shape[:-1] != logits.shape[:-1] or ref_logits.shape[-1] < 1:
         raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected the shape of logits, "
@@ -198,9 +198,11 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
                              f"= {(*lead, V)} with V = weight.shape[0]")
         check_ref_vocab("ref_logits", ref_logits.shape, ref_logits.shape[-1], V, ref_vocab)
         refs = {"ref_logits": ref_logits}
+    elif ref_hidden is None and ref_weight is None and ref_bias is None:
+        refs = {}  # no reference: the fused cross-entropy family alone
     else:
         if ref_hidden is None or ref_weight is None:
-            raise ValueError("no reference: expected ref_logits, or both ref_hidden and ref_weight "
+            raise ValueError("an incomplete reference: expected ref_logits, or both ref_hidden and ref_weight "
                              f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
         check_projection("ref_", ref_hidden, ref_weight, ref_bias, mixed=mixed)

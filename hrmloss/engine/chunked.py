@@ -164,17 +164,28 @@ def _linear(x, weight, bias):
     return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
 
 
-def _chunk_logits(ops, r0, r1):
+def _chunk_logits(ops, r0, r1, ref_softcap=None):
     """(h, s, t) of rows [r0, r1): hidden (c, H) and student logits (c, V) in the GEMM dtype; reference
-    logits (c, min(V_ref, V)), a view of ref_logits or computed from the reference's hidden states, or
-    None for a sparse teacher."""
+    logits (c, min(V_ref, V)), a view of ref_logits or computed from the reference's hidden states (then
+    soft-capped with ref_softcap), or None for a sparse teacher or without a reference."""
     h = _take_rows(ops.h3, r0, r1).to(ops.dtype)
     s = _linear(h, ops.weight, ops.bias)
     if ops.ref3 is None:
         return h, s, None
     ref = _take_rows(ops.ref3, r0, r1)
-    t = ref[:, :s.shape[-1]] if ops.ref_weight is None else _linear(ref, ops.ref_weight, ops.ref_bias)
-    return h, s, t
+    if ops.ref_weight is None:
+        t = ref[:, :s.shape[-1]]
+        return h, s, t if ref_softcap is None else cap_logits(t, ref_softcap, inplace=False)
+    t = _linear(ref, ops.ref_weight, ops.ref_bias)
+    return h, s, t if ref_softcap is None else cap_logits(t, ref_softcap, inplace=True)
+
+
+def cap_logits(t, cap, inplace):
+    """A reference's soft cap, cap tanh(t / cap), in t's dtype as the models compute it (Gemma-2's
+    final_logit_softcapping): in place on a chunk's own buffer, else into a new (c, V) one."""
+    if inplace:
+        return t.div_(cap).tanh_().mul_(cap)
+    return torch.tanh(t / cap) * cap
 
 
 class Grads(NamedTuple):
@@ -249,7 +260,7 @@ def _forward_chunk(ops, plan, k, rows, g, grads):
     Its (c, V) buffers die when it returns."""
     call = plan.call
     r0, r1 = plan.chunks[k]
-    h, s, t = _chunk_logits(ops, r0, r1)
+    h, s, t = _chunk_logits(ops, r0, r1, plan.ref_softcap)
     y = ops.labels[r0:r1]
     topk = sparse.chunk_rows(ops.topk, r0, r1)
     weights = None if ops.weights is None else ops.weights[r0:r1]
@@ -267,7 +278,7 @@ def _forward_chunk(ops, plan, k, rows, g, grads):
 def _backward_chunk(ops, plan, k, final, corr, g, grads):
     """Recompute the logits of chunk k and backpropagate per-row weights g (N,) fp32."""
     r0, r1 = plan.chunks[k]
-    h, s, t = _chunk_logits(ops, r0, r1)
+    h, s, t = _chunk_logits(ops, r0, r1, plan.ref_softcap)
     ds = _chunk_grad(s, t, ops.labels[r0:r1], final[r0:r1], g[r0:r1], plan, sparse.chunk_rows(ops.topk, r0, r1),
                      None if corr is None else corr[r0:r1])
     del s, t
@@ -283,6 +294,7 @@ class Plan(NamedTuple):
     gemm_dtype: torch.dtype   # every GEMM's operand dtype
     acc_dtype: torch.dtype    # the weight / bias gradient accumulator's dtype
     shard: object             # None, or the distributed.VocabShard of a vocabulary-parallel call
+    ref_softcap: object = None  # None, or the reference's soft cap c: t = c tanh(t / c) per chunk (a value)
 
 
 def autocast_enabled(kind):

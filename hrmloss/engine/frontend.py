@@ -13,6 +13,7 @@ raises ValueError / TypeError naming the argument before any pass runs (checks.p
 data (labels, tensor-valued options, a sparse teacher's ids, token weights) run inside the first pass
 (ops.row_stats). `LossModule` is the base of the two modules.
 """
+import dataclasses
 import inspect
 from typing import NamedTuple
 
@@ -62,13 +63,17 @@ class Prepared(NamedTuple):
 
 
 def make_call(options, device, dtypes, *, return_components=False, num_items=None, check_finite=False,
-              topk=False, cut=False):
+              topk=False, cut=False, ref=True):
     """Validate the non-tensor arguments of a call on tensors of `device` and floating `dtypes`.
 
     options: the LossOptions keywords as given. Builds the runtime-scalar tensor on the device.
-    topk: the reference is a sparse teacher; cut: a dense reference with fewer columns than the student.
+    topk: the reference is a sparse teacher; cut: a dense reference with fewer columns than the student;
+    ref=False: no reference at all (the CE family alone: hrm the number 0, T = 1, kl "forward": the kernel
+    variants of a sparse teacher's renorm mode, no reference read, no T path, no JSD pass).
     """
     opts = LossOptions(**options)
+    if not ref and not topk:  # checked as given, then without a divergence
+        opts = dataclasses.replace(opts, hrm=0.0, temperature=1.0, kl="forward")
     if topk:
         opts.check_topk()
     checks.check_bool("return_components", return_components)
@@ -78,7 +83,7 @@ def make_call(options, device, dtypes, *, return_components=False, num_items=Non
     backend = backends.resolve(opts.backend, device)
     backends.check_dtypes(backend, *dtypes)
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
-    return Call(opts, opts.structure(topk, cut), backend, opts.params(device, acc), num_items,
+    return Call(opts, opts.structure(topk, cut, ref), backend, opts.params(device, acc), num_items,
                 return_components, check_finite)
 
 
@@ -87,7 +92,7 @@ def _options(args):
     return {name: args[name] for name in OPTION_NAMES if name in args}
 
 
-def _teacher_and_call(args, labels, device, dtypes, vocab, cut):
+def _teacher_and_call(args, labels, device, dtypes, vocab, cut, ref=True):
     """The sparse teacher, token weights and Call of either entry point, in the order of their checks."""
     group = args["process_group"]
     world = 1
@@ -98,7 +103,7 @@ def _teacher_and_call(args, labels, device, dtypes, vocab, cut):
     weights = checks.check_weights(args["token_weights"], labels)
     call = make_call(_options(args), device, dtypes, return_components=args["return_components"],
                      num_items=args["num_items"], check_finite=args["check_finite"], topk=topk is not None,
-                     cut=cut)
+                     cut=cut, ref=ref)
     return topk, weights, call
 
 
@@ -117,7 +122,7 @@ def prepare_logits(args):
     V = logits.shape[-1]
     dtypes = (logits.dtype,) + (() if ref is None else (ref.dtype,))
     topk, weights, call = _teacher_and_call(args, labels, logits.device, dtypes, V,
-                                            cut=ref is not None and ref.shape[-1] < V)
+                                            cut=ref is not None and ref.shape[-1] < V, ref=ref is not None)
     if call.st.inplace:
         checks.check_inplace(logits)
     flat = labels.reshape(-1)
@@ -134,11 +139,13 @@ def prepare_linear(args):
     checks.check_linear(hidden, weight, labels, args["bias"], args["ref_logits"], args["ref_hidden"],
                         args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed)
     V = weight.shape[0]
-    V_ref = V if has_topk else (args["ref_logits"].shape[-1] if args["ref_logits"] is not None
-                                else args["ref_weight"].shape[0])
+    has_ref = args["ref_logits"] is not None or args["ref_weight"] is not None
+    V_ref = args["ref_logits"].shape[-1] if args["ref_logits"] is not None else \
+        args["ref_weight"].shape[0] if args["ref_weight"] is not None else V
     gemm_dtype = chunked.gemm_dtype(hidden)
     acc_dtype = checks.check_grad_acc_dtype(args["grad_acc_dtype"], gemm_dtype)
-    topk, weights, call = _teacher_and_call(args, labels, hidden.device, (gemm_dtype,), V, cut=V_ref < V)
+    topk, weights, call = _teacher_and_call(args, labels, hidden.device, (gemm_dtype,), V, cut=V_ref < V,
+                                            ref=has_ref)
     flat = labels.reshape(-1).contiguous()
     shard = _shard(args["process_group"], V, flat)
     plan = chunked.make_plan(call, flat.shape[0], V, hidden.device, gemm_dtype, acc_dtype, shard,

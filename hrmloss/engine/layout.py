@@ -51,4 +51,4 @@ KINDS = Layout(("forward", "reverse", "jsd"))
 
 # Runtime scalars of a call, one small device tensor (LossOptions.params): values, never structure.
 # A placeholder stands where an option is off (softcap None).
-PARAMS = Layout(("hrm", "temperature", "beta", "label_smoothing", "z_loss", "softcap"))
+PARAMS = Layout(("hrm", "temperature", "beta", "label_smoothing", "z_loss", "softcap", "ce_weight"))

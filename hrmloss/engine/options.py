@@ -1,6 +1,6 @@
 """The options of one loss call: values (runtime scalars) and structure (what the kernels compile for).
 
-A *value* option (`hrm`, `temperature`, `beta`, `label_smoothing`, `z_loss`, `softcap`) is a Python number,
+A *value* option (`hrm`, `ce_weight`, `temperature`, `beta`, `label_smoothing`, `z_loss`, `softcap`) is a Python number,
 a 0-dim float tensor (on the CPU or on the logits' device) or, under `torch.compile`, a symbolic float.
 Values reach the passes as one small tensor, `LossOptions.params` (layout `layout.PARAMS`), so a new value
 never recompiles a kernel or a compiled graph. A *structure* option (`kl`, `ignore_index`, ...) and what is
@@ -25,7 +25,7 @@ from .layout import KINDS, PARAMS
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
-TOPK_MODES = ("renorm", "tail")   # a sparse teacher's semantics (docs/divergences.md)
+TOPK_MODES = ("renorm", "tail", "renorm_both")   # a sparse teacher's semantics (docs/divergences.md)
 REF_VOCABS = ("error", "truncate")  # a reference whose vocabulary size differs from the student's
 
 Value = Union[float, torch.Tensor]
@@ -76,7 +76,8 @@ def is_dynamic(value):
     return isinstance(value, (torch.Tensor, torch.SymFloat))
 
 
-def _check_value(name, value, rng):
+def check_value(name, value, rng):
+    """A value option's kind (number, 0-dim float tensor, symbolic float) and a number's range."""
     if is_dynamic(value):
         if isinstance(value, torch.Tensor) and (value.dim() != 0 or not value.dtype.is_floating_point):
             raise TypeError(f"{name}: expected a number or a 0-dim float tensor, got a tensor of shape "
@@ -113,9 +114,10 @@ class Structure(NamedTuple):
     ignore_index: int
     check: int         # bit i set: PARAMS[i] is a run-time value whose range check_params checks
     inplace: bool      # the backward writes the gradient of the logits into the logits' storage
-    has_ref: bool = True   # a dense reference tensor; False: a sparse (top-k) teacher, no reference loads
+    has_ref: bool = True   # a dense reference tensor; False: a sparse (top-k) teacher or none, no reference loads
     rest: bool = False     # sparse teacher: also the student's mass off the top-k ids (PARTIAL.lse_rest)
     tail: bool = False     # sparse teacher, topk_mode="tail" (else "renorm")
+    renorm_both: bool = False  # sparse teacher, topk_mode="renorm_both": the student renormalised over the ids too
     cut: bool = False      # the reference covers the first V_ref < V columns only (ref_vocab="truncate")
 
 
@@ -137,13 +139,14 @@ class LossOptions:
     inplace_backward: bool = False
     topk_mode: str = "renorm"
     ref_vocab: str = "error"
+    ce_weight: Value = _value(1.0, 0.0, text="a finite ce_weight >= 0")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             rng = f.metadata.get("range")
             value = getattr(self, f.name)
             if rng is not None and not (f.name == "softcap" and value is None):
-                object.__setattr__(self, f.name, _check_value(f.name, value, rng))
+                object.__setattr__(self, f.name, check_value(f.name, value, rng))
         _choice("kl", self.kl, KINDS)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index={self.ignore_index!r}: expected an int")
@@ -160,7 +163,7 @@ class LossOptions:
         if self.topk_mode == "renorm" and self.kl == "reverse":
             raise ValueError("kl='reverse' with ref_topk and topk_mode='renorm': KL(q||p~) is infinite (the "
                              "student has mass off the teacher's top-k ids); expected kl='forward' or 'jsd', "
-                             "or topk_mode='tail'")
+                             "or topk_mode='tail' or 'renorm_both'")
         if self.topk_mode == "tail" and (is_dynamic(self.temperature) or self.temperature != 1.0):
             raise ValueError(f"temperature={self.temperature!r} with topk_mode='tail': the tail mode is exact "
                              "at the temperature of the stored log-probabilities only; expected the number 1.0 "
@@ -171,9 +174,9 @@ class LossOptions:
         return {name: 1.0 if name == "softcap" and self.softcap is None else getattr(self, name)
                 for name in PARAMS}
 
-    def structure(self, topk=False, cut=False):
+    def structure(self, topk=False, cut=False, ref=True):
         """topk: the reference is a sparse teacher (ref_topk); cut: a dense reference with fewer columns
-        than the student (ref_vocab="truncate")."""
+        than the student (ref_vocab="truncate"); ref=False: no reference at all (the CE family alone)."""
         values = self.values()
         return Structure(
             kind=KINDS.index(self.kl),
@@ -182,10 +185,11 @@ class LossOptions:
             hrm_zero=not is_dynamic(self.hrm) and self.hrm == 0,
             ignore_index=self.ignore_index,
             check=sum(1 << i for i, name in enumerate(PARAMS) if is_dynamic(values[name])),
-            has_ref=not topk,
+            has_ref=ref and not topk,
             # the rest outcome matters unless its teacher probability is 0 and the divergence forward
-            rest=topk and (self.topk_mode == "tail" or self.kl == "jsd"),
+            rest=topk and (self.topk_mode == "tail" or (self.kl == "jsd" and self.topk_mode == "renorm")),
             tail=topk and self.topk_mode == "tail",
+            renorm_both=topk and self.topk_mode == "renorm_both",
             cut=cut,
             inplace=self.inplace_backward)
 

@@ -9,6 +9,9 @@ student's logits at the K ids and K + 1 outcome probabilities per row (docs/dive
     q_k = exp(u_k - lse_u)                 q_rest = exp(lse_rest - lse_u)   (summed directly: no 1 - sum q_k)
     renorm: p_k = softmax_k(lp / T)        p_rest = 0
     tail:   p_k = exp(lp_k)                p_rest = max(0, 1 - sum_k p_k)    (T = 1)
+    renorm_both: p_k as renorm, and the student too: q_k = softmax_k(u_k), q_rest = 0 (Axolotl's
+            normalize_topk=True), over the ids of finite log-prob; the gradient is at the ids only,
+            q_k (r_k - R), coef = 0
     forward kl = sum_o p_o log(p_o / q_o),   reverse = sum_o q_o log(q_o / p_o),
     jsd = beta sum_o p_o log(p_o / m_o) + (1 - beta) sum_o q_o log(q_o / m_o),  m = beta p + (1 - beta) q
 
@@ -63,11 +66,15 @@ def divergence(u, logprobs, partial, params, st, live, vocab_size):
     vocab_size: the whole vocabulary (with K = V there is no rest outcome)."""
     acc = u.dtype
     lse_u = partial[:, PARTIAL.lse_u]
+    if st.renorm_both:  # the student renormalised over the teacher's ids too (those of finite log-prob:
+        # a padding entry, log-prob -inf, is in neither): q~_k = softmax_k(u_k), no rest outcome
+        u = torch.where(logprobs == NEG_INF, NEG_INF, u)
+        lse_u = torch.logsumexp(u, -1)
     lq = torch.cat((u - lse_u[:, None], (partial[:, PARTIAL.lse_rest] - lse_u)[:, None]), 1)  # (N, K + 1)
-    if not st.rest:  # forward "renorm": p_rest = 0, so the rest outcome never enters
+    if not st.rest:  # forward "renorm", "renorm_both": p_rest = 0 (= q_rest), the rest outcome never enters
         lq[:, -1] = NEG_INF
     lp = logprobs.to(acc)
-    if not st.tail:  # "renorm"
+    if not st.tail:  # "renorm", "renorm_both"
         a = lp / params[PARAMS.temperature]
         lp = a - torch.logsumexp(a, -1, keepdim=True)
         lp_rest = torch.full_like(lse_u, NEG_INF)
@@ -94,10 +101,12 @@ def divergence(u, logprobs, partial, params, st, live, vocab_size):
         r = (1 - beta) * zero_where(q == 0, lq - lm)
         big_r = (1 - beta) * kl_qm
     r_rest = r[:, -1]
-    coef = r_rest - big_r
+    # renorm_both: kl depends on u at the ids only, d kl / d u_k = q~_k (r_k - R), no dense part (coef 0)
+    coef = torch.zeros_like(big_r) if st.renorm_both else r_rest - big_r
     # the term at the ids: the whole q_k (r_k - R) where the pass skips the ids (st.rest: coef can be
     # huge, p_rest / q_rest, and coef q_k would cancel against it), else what coef q_k leaves out
-    corr = zero_where(q[:, :-1] == 0, q[:, :-1] * (r[:, :-1] - (big_r if st.rest else r_rest)[:, None]))
+    corr = zero_where(q[:, :-1] == 0, q[:, :-1] * (r[:, :-1] - (big_r if st.rest or st.renorm_both
+                                                                 else r_rest)[:, None]))
     # a student row of all -inf (lse_u = -inf) shares no support with the teacher: KL +inf, JSD its
     # maximum, no gradient (as for a dense reference, stats.finalize)
     empty = lse_u == NEG_INF

@@ -6,7 +6,7 @@ ce, kl, z, the loss and the final statistics the gradient pass reads (`layout.FI
     kl_p = KL(p||q) = ep - lse_w + lse_u,  kl_q = KL(q||p) = eq - lse_u + lse_w   (forward / reverse)
     kl_p = KL(p||m), kl_q = KL(q||m)  from the second (JSD) pass                   (jsd)
     ce = (1 - eps) (lse_s - s[y]) + eps (lse_s - sum_s / V),  z = z_loss lse_s^2
-    loss = ce + hrm kl + z
+    loss = ce_weight ce + hrm kl + z
 
 (docs/design.md §1-2). Every value option is a 0-dim tensor of the params (`layout.PARAMS`): a term
 whose weight is 0 contributes 0 even where its factor is infinite (hrm = 0 with an infinite kl).
@@ -81,7 +81,8 @@ def finalize(partial, jsd_sums, labels, params, st, vocab_size, topk_kl=None):
     sparse teacher (hrmloss/engine/sparse.py), else None. Ignored rows get zeros everywhere.
     """
     p = PARTIAL.unbind(partial)
-    hrm, beta, eps, z_loss = (params[getattr(PARAMS, k)] for k in ("hrm", "beta", "label_smoothing", "z_loss"))
+    hrm, beta, eps, z_loss, ce_weight = (params[getattr(PARAMS, k)]
+                                         for k in ("hrm", "beta", "label_smoothing", "z_loss", "ce_weight"))
     coef = torch.zeros_like(p["lse_s"])
     if topk_kl is not None:
         kl, coef = topk_kl
@@ -112,7 +113,7 @@ def finalize(partial, jsd_sums, labels, params, st, vocab_size, topk_kl=None):
     ce = torch.where(live, ce, zero)
     kl = torch.where(live, kl, zero)
     z = torch.where(live, weigh(z_loss, p["lse_s"] * p["lse_s"]), zero)
-    loss = ce + weigh(hrm, kl) + z
+    loss = weigh(ce_weight, ce) + weigh(hrm, kl) + z  # ce, kl and z are returned unweighted
     columns = {"lse_s": p["lse_s"], "lse_u": p["lse_u"], "lse_w": p["lse_w"], "kl_p": kl_p, "kl_q": kl_q,
                "coef": coef}
     final = torch.where(live[:, None], torch.stack([columns[name] for name in FINAL], 1), zero)

@@ -152,7 +152,7 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
     B, T_rows, V = s.shape
     ds = s if st.inplace else torch.empty((B, T_rows, V), device=s.device, dtype=s.dtype)
     dt = torch.empty((B * T_rows, t.shape[-1]), device=t.device, dtype=t.dtype) if ref_grad else None
-    hrm, eps, z_loss, beta = (_param(params, k) for k in ("hrm", "label_smoothing", "z_loss", "beta"))
+    hrm, eps, z_loss, beta, a = (_param(params, k) for k in ("hrm", "label_smoothing", "z_loss", "beta", "ce_weight"))
     c = hrm / _param(params, "temperature")
     acc = acc_dtype(s)
     for r0, r1, sc, tc in _chunks(s, t):
@@ -162,12 +162,12 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
         live = (y != st.ignore_index) & (g[r0:r1] != 0)
         gl = torch.where(live, g[r0:r1], 0.0)[:, None]
         sc, dcap = soft_cap(sc.to(acc), params, st)
-        # 1. cross-entropy with label smoothing eps, and z-loss:
-        #    q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V
-        d = torch.exp(sc - lse_s[:, None]) * (1 + 2 * z_loss * lse_s[:, None]) - eps / vocab_size
+        # 1. cross-entropy with label smoothing eps, weighted by a = ce_weight, and z-loss:
+        #    q1 (a + 2 z lse_s) - a (1 - eps) onehot(y) - a eps / V
+        d = torch.exp(sc - lse_s[:, None]) * (a + 2 * z_loss * lse_s[:, None]) - a * eps / vocab_size
         y_local = y.long() - vocab_start
         owned = live & (y_local >= 0) & (y_local < V)
-        hit = (1 - eps) * owned.to(acc)
+        hit = a * (1 - eps) * owned.to(acc)
         d.scatter_add_(1, torch.where(owned, y_local, 0)[:, None], -hit[:, None])
         u = _cut(_scaled(sc, params, st), tc, st)
         if not st.has_ref:

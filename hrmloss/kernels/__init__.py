@@ -22,7 +22,7 @@ hrmloss/engine/stats.py):
     KL(p||q) = ep - lse_w + lse_u,  KL(q||p) = eq - lse_u + lse_w,  z = z_loss lse_s^2.
 
 Column layouts and the runtime scalars (PARAMS: hrm, temperature, beta, label_smoothing, z_loss, softcap,
-read from one small fp32 tensor) are named in hrmloss/engine/layout.py; common.py's constants are their
+ce_weight, read from one small fp32 tensor) are named in hrmloss/engine/layout.py; common.py's constants are their
 indices. Constexprs select structure only, never a value.
 
 Instruction budget (docs/performance.md): the two reading passes keep every running statistic per thread

@@ -49,6 +49,7 @@ BETA = tl.constexpr(PARAMS.beta)
 LABEL_SMOOTHING = tl.constexpr(PARAMS.label_smoothing)
 Z_LOSS = tl.constexpr(PARAMS.z_loss)
 SOFTCAP_C = tl.constexpr(PARAMS.softcap)
+CE_WEIGHT = tl.constexpr(PARAMS.ce_weight)
 # the divergence kinds, the grad pass's KIND
 FORWARD = tl.constexpr(KINDS.forward)
 REVERSE = tl.constexpr(KINDS.reverse)

@@ -2,8 +2,8 @@
 final row statistics (`layout.FINAL`) and scaled per row by g_i (grad_output times the reduction's factor,
 0 for ignored rows):
 
-    ds = g * ((q1 (1 + 2 z_loss lse_s) - (1 - eps) onehot(y) - eps / V) + hrm / T * dkl/du) * dcap
-    dt = g * hrm / T * dkl/dw            (dcap = 1 - tanh^2(s_raw / c) with a soft cap, else 1)
+    ds = g * ((q1 (a + 2 z_loss lse_s) - a (1 - eps) onehot(y) - a eps / V) + hrm / T * dkl/du) * dcap
+    dt = g * hrm / T * dkl/dw            (dcap = 1 - tanh^2(s_raw / c) with a soft cap, else 1; a = ce_weight)
 
 with, by KIND (layout.KINDS):
     forward  dkl/du = q - p                                  dkl/dw = p (log p - log q - KL(p||q))
@@ -27,6 +27,7 @@ from .common import (
     F_LSE_U,
     F_LSE_W,
     FORWARD,
+    CE_WEIGHT,
     HRM,
     LABEL_SMOOTHING,
     N_FINAL,
@@ -101,8 +102,10 @@ def _hrm_grad_kernel(
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     beta = tl.load(params_ptr + BETA)
     label_smoothing = tl.load(params_ptr + LABEL_SMOOTHING)  # eps: CE target (1 - eps) onehot(y) + eps / V_total
-    smooth_per_class = label_smoothing / vocab_size
-    z_loss = tl.load(params_ptr + Z_LOSS)
+    ce_weight = tl.load(params_ptr + CE_WEIGHT)     # a: loss = a ce + hrm kl + z (per-row scalars below)
+    smooth_per_class = ce_weight * label_smoothing / vocab_size
+    label_hit = ce_weight * (1.0 - label_smoothing)
+    q1_coef = ce_weight + 2.0 * tl.load(params_ptr + Z_LOSS) * lse_s
     softcap = tl.load(params_ptr + SOFTCAP_C)
     y_local = y - vocab_start
     c = tl.load(params_ptr + HRM) * inv_temp
@@ -115,10 +118,10 @@ def _hrm_grad_kernel(
         in_row = cols < hi
         mask = cols < hi_live
         s, dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
-        # 1. cross-entropy with label smoothing, plus z-loss:
-        #    d/ds [ce + z lse_s^2] = q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V_total
+        # 1. cross-entropy with label smoothing, weighted by a = ce_weight, plus z-loss:
+        #    d/ds [a ce + z lse_s^2] = q1 (a + 2 z lse_s) - a (1 - eps) onehot(y) - a eps / V_total
         q1 = _exp(s - lse_s)
-        ds = q1 * (1.0 + 2.0 * z_loss * lse_s) - tl.where(cols == y_local, 1.0 - label_smoothing, 0.0)
+        ds = q1 * q1_coef - tl.where(cols == y_local, label_hit, 0.0)
         ds -= smooth_per_class
         su = _divergence_logits(s, cols, V_ref, CUT)
         if not HAS_REF:
