@@ -79,6 +79,7 @@ def _hrm_grad_kernel(
     CUT: tl.constexpr,       # u = -inf beyond V_ref
     K_PAD: tl.constexpr,     # next power of 2 >= K (REST)
     BLOCK_V: tl.constexpr,
+    PTX: tl.constexpr,       # an NVIDIA target: the log as PTX (common._log2); set by the launcher
 ):
     # read s (and t when READ_REF), write ds (and dt): 3 NVs for the usual case
     row, y = _row_label(y_ptr)
@@ -104,6 +105,7 @@ def _hrm_grad_kernel(
     smooth_per_class = label_smoothing / vocab_size
     z_loss = tl.load(params_ptr + Z_LOSS)
     softcap = tl.load(params_ptr + SOFTCAP_C)
+    inv_cap = 1.0 / softcap
     y_local = y - vocab_start
     c = tl.load(params_ptr + HRM) * inv_temp
     if REST:  # this row's top-k ids, local to the shard
@@ -112,7 +114,7 @@ def _hrm_grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < hi
         mask = cols < hi_live
-        s, dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        s, dcap = _load_student(s_row + cols, mask, inv_cap, softcap, SOFTCAP)
         # 1. cross-entropy with label smoothing, plus z-loss:
         #    d/ds [ce + z lse_s^2] = q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V_total
         q1 = _exp(s - lse_s)
@@ -143,7 +145,7 @@ def _hrm_grad_kernel(
                     dku = _xlog_ratio(q, lq, lp) - q * kl_q
                     dkw = p - q
                 else:
-                    lm = _log_mixture(p, q, beta)
+                    lm = _log_mixture(p, q, beta, PTX)
                     dku = (1.0 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
                     dkw = beta * (_xlog_ratio(p, lp, lm) - p * kl_p)
                 ds += c * dku
