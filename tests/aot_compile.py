@@ -18,6 +18,8 @@ reference's gradient: instructions per element of the loop <= 30 (stats, T = 1),
 (jsd), 45 (grad); at most 64 registers a thread at 8 warps (or an occupancy >= 50 %); no spills.
 """
 import argparse
+import concurrent.futures
+import importlib
 import itertools
 import json
 import os
@@ -30,9 +32,13 @@ from hrmloss.kernels import grad, jsd, stats  # noqa: E402
 
 from benchmarks.report import replace_section  # noqa: E402
 
-from .sass import loop_report, occupancy  # noqa: E402
+from . import amdgcn, sass  # noqa: E402
 
-CCS = (80, 90)
+# target name -> (backend, arch); the warp size follows (32 on NVIDIA and RDNA, 64 on CDNA)
+TARGETS = {"sm_80": ("cuda", 80), "sm_90": ("cuda", 90), "sm_100": ("cuda", 100), "sm_120": ("cuda", 120),
+           "gfx90a": ("hip", "gfx90a"), "gfx942": ("hip", "gfx942"), "gfx950": ("hip", "gfx950"),
+           "gfx1100": ("hip", "gfx1100")}
+BUDGET_TARGETS = ("sm_90", "gfx942")    # where the budgets below are held (the others are reported)
 VS = (32000, 128256, 151936, 262144)
 SUBSET_VS = (128256,)
 DTYPES = ("bf16", "fp32")
@@ -48,7 +54,7 @@ DIVISIBLE_INTS = ("s_stride_b", "s_stride_t", "t_stride_b", "t_stride_t", "ds_st
 DENSE = dict(HAS_REF=True, REST=False, CUT=False, K_PAD=1)
 TOPK = dict(HAS_REF=False, REST=True, CUT=False, K_PAD=64)
 CUT = dict(DENSE, CUT=True)
-# role -> (kernel, [constexpr variants]); BLOCK_V (and ELEMS) come from the launcher
+# role -> (kernel, [constexpr variants]); BLOCK_V (and ELEMS), and PTX, come from the launcher's rules
 ROLES = {
     "stats": (stats._hrm_stats_kernel, [dict(SCALED=sc, SOFTCAP=cap, **DENSE) for cap in (False, True)
                                     for sc in (False, True)]
@@ -64,9 +70,16 @@ ROLES = {
              + [dict(KIND=0, SCALED=False, SOFTCAP=False, READ_REF=False, REF_GRAD=False, **TOPK),
                 dict(KIND=2, SCALED=False, SOFTCAP=False, READ_REF=True, REF_GRAD=False, **CUT)]),
 }
+# instructions per element of the innermost loop: SASS on NVIDIA, VALU on AMD (tests/amdgcn.py derives
+# gfx942's: ~30 for a bf16 pass reading two tensors, like sm_90's); fp32 reads twice the bytes
 LOOP_TARGETS = {("stats", False): 30, ("stats", True): 36, ("jsd", False): 36, ("jsd", True): 36,
                 ("grad", False): 45, ("grad", True): 45}
+AMD_READ_BUDGET = 30   # gfx942: 64 lanes a clock x 4 bytes an element / 8.3 bytes a clock (tests/amdgcn.py)
 MAX_REGS, MIN_OCCUPANCY = 64, 0.5
+# the special-function unit: 16 MUFU operations a clock per SM (exp2, lg2, rcp); an SM's share of DRAM
+# bandwidth at the ~1.755 GHz these parts hold under load: H100 SXM 3.35 TB/s / 132 SMs, H200 4.8 TB/s
+MUFU_PER_CLOCK = 16
+SM_BYTES_PER_CLOCK = {"H100": 3.35e12 / (132 * 1.755e9), "H200": 4.8e12 / (132 * 1.755e9)}
 
 
 def signature(fn, dtype):
@@ -86,48 +99,126 @@ def signature(fn, dtype):
     return sig
 
 
-def config(role, V, dtype):
-    """(constexprs from the launcher, num_warps, per_iteration) for a role at vocabulary V."""
+def warp_size(target):
+    backend, arch = TARGETS[target]
+    return amdgcn.WARP_SIZE[arch] if backend == "hip" else 32
+
+
+def config(role, V, dtype, target="sm_90"):
+    """(constexprs from the launcher, num_warps, per_iteration) for a role at vocabulary V on a target."""
+    w = warp_size(target)
+    ptx = {"PTX": TARGETS[target][0] == "cuda"} if role != "stats" else {}
     if role == "grad":
-        block, warps = launch_config(V)
-        return dict(BLOCK_V=block), warps, block
-    block, elems, warps = read_config(V, ELEM_BYTES[dtype])
-    return dict(BLOCK_V=block, ELEMS=elems), warps, block
+        block, warps = launch_config(V, w)
+        return dict(BLOCK_V=block, **ptx), warps, block
+    block, elems, warps = read_config(V, ELEM_BYTES[dtype], w)
+    return dict(BLOCK_V=block, ELEMS=elems, **ptx), warps, block
 
 
-def target(role, cx):
-    """The loop target of a variant, or None (soft cap, reference-gradient, sparse-teacher and cut variants
-    are reported only)."""
-    if cx.get("SOFTCAP") or cx.get("REF_GRAD") or not cx.get("HAS_REF", True) or cx.get("CUT"):
+def bytes_per_element(role, cx, dtype):
+    """DRAM bytes a pass moves per vocabulary element: the tensors it reads and writes (a truncated
+    reference counted whole: an upper bound)."""
+    if role == "grad":
+        tensors = 1 + 1 + bool(cx["READ_REF"]) + bool(cx["REF_GRAD"])   # s, ds, t, dt
+    else:
+        tensors = 1 + bool(cx.get("HAS_REF", True))                    # s, t
+    return tensors * ELEM_BYTES[dtype]
+
+
+def mufu_bound(nbytes, part):
+    """MUFU operations per element that keep a pass moving `nbytes` per element DRAM-bound on `part`."""
+    return MUFU_PER_CLOCK * nbytes / SM_BYTES_PER_CLOCK[part]
+
+
+def target_of(role, cx, target):
+    """The loop budget of a variant on a budget target, or None: the dense budgets hold for every variant
+    users run (soft cap, sparse teacher: the same as dense; a truncated reference: T != 1's, for its
+    second logsumexp); reference-gradient variants (a fourth tensor) are reported only. On gfx942 the
+    reading passes get the derived ~30 whatever T (tests/amdgcn.py), the gradient pass 45."""
+    if cx.get("REF_GRAD"):
         return None
-    return LOOP_TARGETS[(role, cx["SCALED"])]
+    scaled = cx["SCALED"] or cx.get("CUT", False)
+    goal = LOOP_TARGETS[(role, scaled)]
+    if TARGETS[target][0] == "hip" and role != "grad":
+        goal = min(goal, AMD_READ_BUDGET)
+    return goal
 
 
-def rows(vs=VS, ccs=CCS, dtypes=DTYPES):
-    """Yield one dict per compiled variant."""
-    cache = {}
-    for (role, (fn, variants)), cc, dtype, V in itertools.product(ROLES.items(), ccs, dtypes, vs):
+def _compile(job):
+    """One compile (in a worker process): (key, report)."""
+    key, module, name, sig, constexprs, warps, per_iteration, target, divisible = job
+    fn = getattr(importlib.import_module(module), name)
+    backend, arch = TARGETS[target]
+    if backend == "hip":
+        r = amdgcn.loop_report(fn, sig, constexprs, warps, per_iteration, arch=arch, divisible=divisible)
+        r["occupancy"] = amdgcn.occupancy(r["regs"], warps, arch)
+    else:
+        r = sass.loop_report(fn, sig, constexprs, warps, per_iteration, cc=arch, divisible=divisible)
+        r["occupancy"] = sass.occupancy(r["regs"], warps)
+    r.pop("loops", None)
+    return key, r
+
+
+def jobs_and_rows(vs, targets, dtypes):
+    """The distinct compiles, and per table row its fields and the key of its compile."""
+    jobs, rows = {}, []
+    for (role, (fn, variants)), target, dtype, V in itertools.product(ROLES.items(), targets, dtypes, vs):
         name = fn.fn.__name__
         sig = signature(fn, dtype)
         divisible = [n for n in DIVISIBLE_INTS if n in sig and (n not in ("V", "vocab_size") or V % 16 == 0)]
-        launch, warps, per_iteration = config(role, V, dtype)
+        launch, warps, per_iteration = config(role, V, dtype, target)
         for cx in variants:
             constexprs = dict(cx, **launch)
-            key = (name, cc, json.dumps(sig), json.dumps(constexprs), warps, tuple(divisible))
-            if key not in cache:
-                cache[key] = loop_report(fn, sig, constexprs, warps, per_iteration, cc=cc, divisible=divisible)
-            r = cache[key]
-            occ = occupancy(r["regs"], warps)
-            goal = target(role, cx)
-            yield dict(module=fn.fn.__module__, kernel=name, role=role, scaled=cx["SCALED"], softcap=cx["SOFTCAP"],
-                       ref_grad=cx.get("REF_GRAD", False), cc=cc, dtype=dtype, V=V, num_warps=warps,
-                       constexprs=constexprs, signature=sig, divisible=divisible, options={},
-                       per_iteration=per_iteration, regs=r["regs"], spill_bytes=r["spill_bytes"],
-                       loop_per_element=r["per_element"], occupancy=occ, loop_target=goal,
-                       met=None if goal is None else bool(
-                           r["per_element"] <= goal and r["spill_bytes"] == 0
-                           and (r["regs"] <= MAX_REGS or occ >= MIN_OCCUPANCY)),
-                       mix=r["mix"], cubin_sha256=r["cubin_sha256"])
+            key = json.dumps([name, target, sig, constexprs, warps, divisible])
+            jobs.setdefault(key, (key, fn.fn.__module__, name, sig, constexprs, warps, per_iteration, target,
+                                  divisible))
+            backend, arch = TARGETS[target]
+            rows.append((key, dict(
+                module=fn.fn.__module__, kernel=name, role=role, scaled=cx["SCALED"], softcap=cx["SOFTCAP"],
+                ref_grad=cx.get("REF_GRAD", False), target=target, backend=backend,
+                cc=arch if backend == "cuda" else None, dtype=dtype, V=V, num_warps=warps,
+                warp_size=warp_size(target), constexprs=constexprs, signature=sig, divisible=divisible,
+                options={}, per_iteration=per_iteration, bytes_per_element=bytes_per_element(role, cx, dtype))))
+    return list(jobs.values()), rows
+
+
+def rows(vs=VS, targets=tuple(TARGETS), dtypes=DTYPES, workers=1):
+    """Yield one dict per variant, target, dtype and V; each distinct compile runs once, over `workers`
+    processes. A variant that does not build is a row with `error` (and no counts)."""
+    jobs, table = jobs_and_rows(vs, targets, dtypes)
+    reports = {}
+    if workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(_compile, job): job[0] for job in jobs}
+            for f in concurrent.futures.as_completed(futures):
+                reports[futures[f]] = _result(f.result, futures[f])
+    else:
+        for job in jobs:
+            reports[job[0]] = _result(lambda job=job: _compile(job), job[0])
+    for key, row in table:
+        r = reports[key]
+        if "error" in r:
+            yield dict(row, error=r["error"], met=False)
+            continue
+        held = row["target"] in BUDGET_TARGETS
+        goal = target_of(row["role"], row["constexprs"], row["target"]) if held else None
+        nb = row["bytes_per_element"]
+        yield dict(row, regs=r["regs"], spill_bytes=r["spill_bytes"], loop_per_element=r["per_element"],
+                   occupancy=r["occupancy"], loop_target=goal,
+                   met=None if goal is None else bool(
+                       r["per_element"] <= goal and r["spill_bytes"] == 0
+                       and (r["regs"] <= MAX_REGS or r["occupancy"] >= MIN_OCCUPANCY)),
+                   mufu_per_element=r["mufu_per_element"],
+                   mufu_bound={part: round(mufu_bound(nb, part), 1) for part in SM_BYTES_PER_CLOCK},
+                   sgprs=r.get("sgprs"), all_per_element=r.get("all_per_element"),
+                   mix=r["mix"], cubin_sha256=r["cubin_sha256"])
+
+
+def _result(call, key):
+    try:
+        return call()[1]
+    except Exception as e:  # a variant that does not build: reported, and the test fails on it
+        return dict(error=f"{type(e).__name__}: {str(e)[-2000:]}")
 
 
 def _variant(r):
@@ -147,24 +238,38 @@ def _variant(r):
 
 
 def markdown(all_rows):
-    """The table: one line per variant, dtype and target; the Vs that share its numbers in one cell."""
-    groups = {}
-    for r in all_rows:
-        key = (r["role"], _variant(r), r["dtype"], r["cc"], r["num_warps"], json.dumps(r["constexprs"]),
-               r["loop_per_element"], r["regs"], r["spill_bytes"], r["met"], r["loop_target"])
-        groups.setdefault(key, []).append(r)
-    out = ["| pass | variant | dtype | sm | V | BLOCK_V x warps | instr / element | target | regs | "
-           "occupancy | spills | met |", "|" + " --- |" * 12]
-    for key, rs in groups.items():
-        r = rs[0]
-        launch = f"{r['constexprs']['BLOCK_V']} x {r['num_warps']}"
-        if "ELEMS" in r["constexprs"]:
-            launch += f" ({r['constexprs']['ELEMS']} / thread)"
-        met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        out.append(f"| {r['role']} | {_variant(r)} | {r['dtype']} | {r['cc']} | "
-                   f"{', '.join(str(x['V']) for x in rs)} | {launch} | {r['loop_per_element']} | "
-                   f"{r['loop_target'] or '-'} | {r['regs']} | {r['occupancy']:.0%} | {r['spill_bytes']} | {met} |")
-    return "\n".join(out) + "\n"
+    """The table, one per target: a line per variant and dtype; the Vs that share its numbers in one cell."""
+    out = []
+    for target in dict.fromkeys(r["target"] for r in all_rows):
+        amd = TARGETS[target][0] == "hip"
+        groups = {}
+        for r in (r for r in all_rows if r["target"] == target):
+            key = (r["role"], _variant(r), r["dtype"], r["num_warps"], json.dumps(r["constexprs"]),
+                   r.get("error"), r.get("loop_per_element"), r.get("regs"), r.get("spill_bytes"), r["met"])
+            groups.setdefault(key, []).append(r)
+        count = "VALU / element" if amd else "instr / element"
+        mufu = "transc. / element" if amd else "MUFU / element (H100, H200 bound)"
+        regs = "VGPRs / SGPRs" if amd else "regs"
+        out += [f"### {target}" + (f" (wavefronts of {next(iter(groups.values()))[0]['warp_size']})" if amd else ""),
+                "", f"| pass | variant | dtype | V | BLOCK_V x warps | {count} | target | {mufu} | {regs} | "
+                "occupancy | spills | met |", "|" + " --- |" * 12]
+        for rs in groups.values():
+            r = rs[0]
+            vs = ", ".join(str(x["V"]) for x in rs)
+            launch = f"{r['constexprs']['BLOCK_V']} x {r['num_warps']}"
+            if "ELEMS" in r["constexprs"]:
+                launch += f" ({r['constexprs']['ELEMS']} / thread)"
+            head = f"| {r['role']} | {_variant(r)} | {r['dtype']} | {vs} | {launch} |"
+            if "error" in r:
+                out.append(head + f" does not build: {r['error'].splitlines()[0][:120]} |" + " - |" * 6 + " **no** |")
+                continue
+            met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            bound = "" if amd else " ({H100}, {H200})".format(**r["mufu_bound"])
+            reg = f"{r['regs']} / {r['sgprs']}" if amd else f"{r['regs']}"
+            out.append(head + f" {r['loop_per_element']} | {r['loop_target'] or '-'} | {r['mufu_per_element']}{bound}"
+                       f" | {reg} | {r['occupancy']:.0%} | {r['spill_bytes']} | {met} |")
+        out.append("")
+    return "\n".join(out)
 
 
 BEGIN = "<!-- static-cost: written by python -m tests.aot_compile --update; do not edit -->"
@@ -177,11 +282,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="one JSON line per compiled variant")
     ap.add_argument("--subset", action="store_true", help=f"V in {SUBSET_VS} only")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ", ".join(TARGETS))
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     ap.add_argument("--markdown", action="store_true", help="print the markdown table")
     ap.add_argument("--update", metavar="PATH", help="replace the static-cost section of this markdown file")
     args = ap.parse_args(argv)
+    targets = [t for t in args.targets.split(",") if t]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        sys.exit(f"--targets: unknown {sorted(unknown)}; expected some of {list(TARGETS)}")
     collected = []
-    for r in rows(SUBSET_VS if args.subset else VS):
+    for r in rows(SUBSET_VS if args.subset else VS, targets, workers=args.jobs):
         collected.append(r)
         if args.json or not (args.markdown or args.update):
             print(json.dumps(r), flush=True)
@@ -190,22 +301,33 @@ def main(argv=None):
     if args.update:
         replace_section(args.update, BEGIN, END, SECTION_HEAD + markdown(collected))
         print(f"replaced the static-cost section of {args.update}", file=sys.stderr)
+    failed = [r for r in collected if "error" in r]
+    for r in failed:
+        print(f"does not build: {r['kernel']} {r['target']} {r['dtype']} {r['constexprs']}: {r['error']}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 SECTION_HEAD = """\
 ## Static cost of the Triton kernels (no GPU needed)
 
 Regenerated by `python -m tests.aot_compile --update docs/performance.md` (triton's own ptxas and
-cuobjdump, no GPU). Each pass is compiled for sm_80 and sm_90 as the launcher configures it for V, with
-aligned tensors and `TRITON_DEFAULT_FP_FUSION=1`; "instr / element" is the count of SASS instructions of
-the innermost loop divided by the vocabulary elements one thread handles per iteration (tests/sass.py).
-Targets (issue 12): a bf16 stats pass keeps DRAM busy on an H100 only under ~35 instructions per element
-(4 bytes read per element; fp32 has twice the budget); at most 64 registers a thread at 8 warps or an
-occupancy of at least 50 %, no spills. Soft-cap and reference-gradient variants are reported, without a
-target. The occupancy column counts registers only.
+cuobjdump, and its LLVM for AMD: no GPU, no ROCm). Each pass is compiled for every target as the launcher
+configures it for V (256 threads a program: 8 warps of 32, 4 wavefronts of 64 on CDNA), with aligned
+tensors and `TRITON_DEFAULT_FP_FUSION=1`. "instr / element": the SASS instructions of the innermost loop
+over the vocabulary elements one thread handles per iteration (tests/sass.py); on AMD the VALU
+instructions of the loop (tests/amdgcn.py). Budgets, held on sm_90 and gfx942 (the other targets are
+reported): stats <= 30 at T = 1 and <= 36 at T != 1 or with a truncated reference, jsd <= 36, grad <= 45
+on sm_90 (issue 12: a bf16 stats pass keeps an H100 busy only under ~35); gfx942 <= 30 for the reading
+passes (64 VALU lanes a clock per CU against 2.1 elements a clock, tests/amdgcn.py) and 45 for grad; soft
+cap, sparse teacher and truncated reference included, reference-gradient variants reported only; at most
+64 registers a thread or an occupancy of at least 50 %, no spills. MUFU / element: exp2, lg2 and rcp
+per element (16 a clock per SM) with, in brackets, the count under which a pass moving its bytes per
+element stays DRAM-bound on an H100 (3.35 TB/s) and an H200 (4.8 TB/s), 132 SMs at ~1.755 GHz; on AMD
+the transcendental VALU instructions (quarter rate). Occupancy counts registers only.
 
 """
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
