@@ -29,6 +29,7 @@ from .common import (
     FORWARD,
     HRM,
     LABEL_SMOOTHING,
+    LOG2E,
     N_FINAL,
     NEG_INF,
     REVERSE,
@@ -105,7 +106,7 @@ def _hrm_grad_kernel(
     smooth_per_class = label_smoothing / vocab_size
     z_loss = tl.load(params_ptr + Z_LOSS)
     softcap = tl.load(params_ptr + SOFTCAP_C)
-    inv_cap = 1.0 / softcap
+    cap_scale = 2.0 * LOG2E / softcap   # the soft cap's 2 log2(e) / c (common._load_student)
     y_local = y - vocab_start
     c = tl.load(params_ptr + HRM) * inv_temp
     if REST:  # this row's top-k ids, local to the shard
@@ -114,7 +115,7 @@ def _hrm_grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < hi
         mask = cols < hi_live
-        s, dcap = _load_student(s_row + cols, mask, inv_cap, softcap, SOFTCAP)
+        s, dcap = _load_student(s_row + cols, mask, cap_scale, softcap, SOFTCAP)
         # 1. cross-entropy with label smoothing, plus z-loss:
         #    d/ds [ce + z lse_s^2] = q1 (1 + 2 z lse_s) - (1 - eps) onehot(y) - eps / V_total
         q1 = _exp(s - lse_s)

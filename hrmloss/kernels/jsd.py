@@ -13,6 +13,7 @@ from .common import (
     BIG,
     J_KL_PM,
     J_KL_QM,
+    LOG2E,
     N_JSD,
     NEG_INF,
     SOFTCAP_C,
@@ -56,7 +57,7 @@ def _hrm_jsd_kernel(
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     beta = tl.load(params_ptr + BETA)
     softcap = tl.load(params_ptr + SOFTCAP_C)
-    inv_cap = 1.0 / softcap
+    cap_scale = 2.0 * LOG2E / softcap   # the soft cap's 2 log2(e) / c (common._load_student)
     s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
     t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
     lse_u = tl.load(lse_ptr + row * 2)
@@ -68,7 +69,7 @@ def _hrm_jsd_kernel(
     for start in range(lo, hi_live, BLOCK_V):
         cols = start + cols0
         mask = cols < hi_live
-        s, _dcap = _load_student(s_row + cols, mask, inv_cap, softcap, SOFTCAP)
+        s, _dcap = _load_student(s_row + cols, mask, cap_scale, softcap, SOFTCAP)
         s = _divergence_logits(s, cols, V_ref, CUT)
         t = tl.load(t_row + cols, mask=_ref_lanes(cols, mask, V_ref, CUT), other=NEG_INF).to(tl.float32)
         # m = beta p + (1 - beta) q > 0 wherever p > 0 or q > 0. A zero probability is a zero weight:
