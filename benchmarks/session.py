@@ -25,6 +25,7 @@ Offline (a machine with no network): copy the repository and the peers' wheels o
 A peer that is not installed is a note in the table, not a failure.
 """
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -33,12 +34,13 @@ import subprocess
 import sys
 import time
 
-STAGES = {"correctness": 90, "loss": 75, "linear": 45, "ncu": 45, "demo": 45}
+STAGES = {"correctness": 75, "loss": 75, "linear": 40, "ncu": 40, "demo": 70}
 assert sum(STAGES.values()) <= 300
 CORRECTNESS_K = ("larger_shapes or more_than_2_31 or cuda_graph or inplace or bitwise or split or topk "
                  "or subnormal or jsd")
 LOSS_SHAPE, TINY_LOSS_SHAPE = (16384, 128256, "bfloat16"), (64, 512, "float32")
-LOSS_PROVIDERS = ("hrmloss", "hrmloss-inplace", "compile", "liger", "flash-attn-ce", "stats-pass", "grad-pass")
+# cheapest first: torch.compile compiles for tens of seconds, so it comes last
+LOSS_PROVIDERS = ("hrmloss", "stats-pass", "grad-pass", "hrmloss-inplace", "liger", "flash-attn-ce", "compile")
 LINEAR_SHAPE, TINY_LINEAR_SHAPE = (8192, 128256, 4096, "bfloat16"), (64, 512, 64, "float32")
 NCU_SHAPE, TINY_NCU_SHAPE = (4096, 128256), (16, 512)
 BEGIN = "<!-- gpu-session: written by python -m benchmarks.gpu --merge DIR; do not edit -->"
@@ -51,28 +53,45 @@ def _device(args):
     return torch.device(args.device)
 
 
-def stage_correctness(args, budget):
+def stage_correctness(args, budget, save):
+    # the dry run (no CUDA) only collects: that the selection still names tests is what it can check
     env = dict(os.environ, TRITON_INTERPRET="0" if args.device == "cuda" else "1")
     cmd = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider", "-k", CORRECTNESS_K]
+    cmd += [] if args.device == "cuda" else ["--collect-only"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget)
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     return dict(command=" ".join(cmd[2:]), returncode=proc.returncode, summary=summary,
                 failures=[l for l in proc.stdout.splitlines() if l.startswith("FAILED")][:20],
-                ok=proc.returncode in (0, 5))   # 5: nothing collected / all deselected
+                ok=proc.returncode == 0)
 
 
-def stage_loss(args, budget):
+class _TinyTimer:
+    """The dry run's timer: the device timer with 3 repetitions (the code path, not a measurement)."""
+
+    def __init__(self, timer):
+        self.timer = timer
+
+    def __call__(self, fn, setup=lambda: None, reps=None, warmup=None):
+        return self.timer(fn, setup, reps=3, warmup=1)
+
+
+def stage_loss(args, budget, save):
     from . import gpu
     device = _device(args)
     timer = gpu.Timer(device)
+    timer = _TinyTimer(timer) if args.tiny else timer
     copy_bytes = (16 << 20) if args.tiny else gpu.COPY_BYTES
     copy_bw = gpu.copy_bandwidth(timer, device, copy_bytes)
     n, v, dtype = TINY_LOSS_SHAPE if args.tiny else LOSS_SHAPE
-    rows = gpu.measure_case(timer, device, n, v, dtype, list(LOSS_PROVIDERS), copy_bw, print)
-    return dict(copy_gbs=copy_bw / 1e9, rows=rows)
+    result = dict(copy_gbs=copy_bw / 1e9, rows=[], skipped=[])
+    for name in LOSS_PROVIDERS:   # one provider at a time, saved after each: a cut-off keeps the rest
+        log = lambda msg, name=name: (print(msg), "skipped" in msg and result["skipped"].append(msg.strip()))  # noqa: E731
+        result["rows"] += gpu.measure_case(timer, device, n, v, dtype, [name], copy_bw, log)
+        save(result)
+    return result
 
 
-def stage_linear(args, budget):
+def stage_linear(args, budget, save):
     import torch
     from .common import linear_inputs
     from .gpu import Timer
@@ -94,9 +113,10 @@ def stage_linear(args, budget):
             loss = fn(h, w, ht, wt, y)
             if loss.requires_grad:
                 torch.autograd.grad(loss, (h, w))
-        med = sorted(timer(call, reps=5 if args.tiny else 10, warmup=1))[2 if args.tiny else 5]
+        med = sorted(timer(call, reps=3 if args.tiny else 10, warmup=1))[1 if args.tiny else 5]
         rows.append(dict(provider=name, n=n, v=v, hidden=hidden, dtype=dtype, mode="forward+backward",
                          median_ms=med, tflops=4 * 2 * n * hidden * v / (med / 1e3) / 1e12))
+        save(dict(rows=rows))
     floor = next((r["median_ms"] for r in rows if r["provider"] == "gemm-floor" and "median_ms" in r), None)
     for r in rows:
         if floor and "median_ms" in r:
@@ -117,7 +137,7 @@ torch.cuda.synchronize()
 """
 
 
-def stage_ncu(args, budget):
+def stage_ncu(args, budget, save):
     ncu = shutil.which("ncu")
     if ncu is None or args.device != "cuda":
         return dict(unavailable="ncu not found" if ncu is None else "ncu profiles CUDA only")
@@ -131,10 +151,12 @@ def stage_ncu(args, budget):
     return dict(shape=[n, v], returncode=proc.returncode, csv=lines[:40], stderr=proc.stderr[-1000:])
 
 
-def stage_demo(args, budget):
+def stage_demo(args, budget, save):
     from hrmloss.runs import demo
     cfg = demo.DemoConfig(device=args.device, progress=False)
-    cfg = cfg.quick() if args.tiny else cfg.for_device()
+    # the dry run: fewer steps than quick() (the code path; the CPU demo has its own tests)
+    cfg = dataclasses.replace(cfg.quick(), ref_steps=8, steps=8, n_evals=2, hrms=(0.5,)) if args.tiny \
+        else cfg.for_device()
     t0 = time.perf_counter()
     _paths, text = demo.main(out=str(pathlib.Path(args.out) / "demo"), cfg=cfg, formats=("png",))
     return dict(seconds=time.perf_counter() - t0, summary=text[:3000])
@@ -144,17 +166,23 @@ def _stage_path(out, name):
     return pathlib.Path(out) / f"{name}.json"
 
 
-def run_stage(args):
-    """In the child process: one stage, its result written to DIR/<stage>.json."""
+def _machine(args):
     from . import gpu
-    t0 = time.perf_counter()
-    result = globals()[f"stage_{args.stage}"](args, STAGES[args.stage])
+    return gpu.machine(_device(args))
+
+
+def run_stage(args):
+    """In the child process: one stage, its result written to DIR/<stage>.json (and after each step of a
+    stage that saves partial results, with status "partial", so that a cut-off keeps them)."""
+    path, t0 = _stage_path(args.out, args.stage), time.perf_counter()
+    machine = _machine(args)
+
+    def write(result, status):
+        path.write_text(json.dumps(dict(result, stage=args.stage, status=status, machine=machine,
+                                        seconds=time.perf_counter() - t0), indent=1, default=str))
+    result = globals()[f"stage_{args.stage}"](args, STAGES[args.stage], lambda r: write(r, "partial"))
     status = "unavailable" if "unavailable" in result else "done"
-    if result.get("ok") is False:
-        status = "failed"
-    result = dict(result, stage=args.stage, status=status, seconds=time.perf_counter() - t0,
-                  machine=gpu.machine(_device(args)))
-    _stage_path(args.out, args.stage).write_text(json.dumps(result, indent=1, default=str))
+    write(result, "failed" if result.get("ok") is False else status)
 
 
 def session(args):
@@ -166,6 +194,13 @@ def session(args):
         if path.exists() and json.loads(path.read_text()).get("status") in ("done", "unavailable"):
             print(f"{name}: already done in {out}, skipped", flush=True)
             continue
+        path.unlink(missing_ok=True)
+        if name == "ncu" and (shutil.which("ncu") is None or args.device != "cuda"):   # no child to start
+            path.write_text(json.dumps(dict(stage=name, status="unavailable", seconds=0.0,
+                                            unavailable="ncu not found" if args.device == "cuda" else
+                                            "ncu profiles CUDA only")))
+            print(f"{name}: unavailable", flush=True)
+            continue
         cmd = [sys.executable, "-m", "benchmarks.gpu", "--stage", name, "--out", str(out), "--device", args.device]
         cmd += ["--tiny"] if args.tiny else []
         t0 = time.perf_counter()
@@ -176,8 +211,9 @@ def session(args):
                 path.write_text(json.dumps(dict(stage=name, status="error", returncode=proc.returncode,
                                                 stderr=proc.stderr[-3000:], seconds=time.perf_counter() - t0)))
         except subprocess.TimeoutExpired:
-            path.write_text(json.dumps(dict(stage=name, status="over budget", seconds=budget,
-                                            note=f"skipped: over its budget of {budget} s")))
+            kept = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps(dict(kept, stage=name, status="over budget", seconds=budget,
+                                            note=f"cut off at its budget of {budget} s"), default=str))
         print(f"{name}: {json.loads(path.read_text())['status']} in {time.perf_counter() - t0:.0f} s", flush=True)
     result = collect(out)
     (out / "session.json").write_text(json.dumps(result, indent=1, default=str))
@@ -205,13 +241,14 @@ def markdown(result):
         out.append(f"Correctness (`{c['command']}`): {c['summary']}" + "".join(f"\n- {f}" for f in c["failures"]) + "\n")
     loss = st["loss"]
     if "rows" in loss:
-        out.append(f"Loss, copy bandwidth {loss['copy_gbs']:.0f} GB/s:\n")
+        copy = f"{loss['copy_gbs']:.0f} GB/s" if "copy_gbs" in loss else "not measured"
+        out.append(f"Loss ({loss['status']}), copy bandwidth {copy}:\n")
         out.append("| N x V dtype | provider | pass | median ms | GB/s | % copy |\n| --- | --- | --- | --- | --- | --- |")
         for r in loss["rows"]:
             cell = (f"{r['median_ms']:.3f} | {r['gbs']:.0f} | {r['of_copy']:.0%}" if "median_ms" in r
                     else f"{r.get('error', '-')} | - | -")
-            out.append(f"| {r['n']} x {r['v']} {r['dtype']} | {r['provider']} | {r['mode']} | {cell} |")
-        out.append("")
+            out.append(f"| {r.get('n')} x {r.get('v')} {r.get('dtype')} | {r['provider']} | {r.get('mode')} | {cell} |")
+        out += [""] + [f"- {note}" for note in loss.get("skipped", [])] + [""]
     lin = st["linear"]
     if "rows" in lin:
         out.append("Fused linear + loss, forward + backward, against the GEMM floor of the same run:\n")
