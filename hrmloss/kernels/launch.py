@@ -23,7 +23,8 @@ from .stats import _hrm_stats_kernel
 MAX_BLOCK_V = 2048       # gradient pass: columns per iteration (256 threads, 8 per thread)
 READ_THREADS = 256       # reading passes: threads a program (8 warps of 32, 4 wavefronts of 64 on CDNA)
 READ_THREAD_ROWS = 1     # reading passes: tile rows (16-byte slices) per thread per iteration
-PROGRAMS_PER_SM = 8      # split the vocabulary until rows x splits reaches this many programs per SM
+PROGRAMS_PER_SM = 8      # split the vocabulary until rows x splits reaches this many programs per SM (of 256
+                         # threads: 64 warps of 32 fill an NVIDIA SM, 32 wavefronts of 64 a CDNA CU)
 MIN_SPLIT_BLOCKS = 8     # ... but never into ranges of fewer blocks than this
 
 
