@@ -8,8 +8,9 @@ measurements that matter most, in order, each under its own time budget, every n
 
 Stages (STAGES, budgets in seconds, sum <= 300), each a child process killed at its budget, which then
 reads "over budget" in DIR and the session moves on:
-  correctness  tests/test_cuda.py's cases most likely to break first (bf16 long rows, N x V > 2^31,
-               split vocabulary, in-place, top-k, JSD's subnormal mixture, CUDA-graph capture)
+  correctness  the CUDA cases most likely to break first (tests/test_cuda.py: bf16 long rows and the split
+               vocabulary, N x V > 2^31, in-place, CUDA-graph capture; tests/test_cuda_session.py: top-k,
+               JSD's subnormal mixture, the soft cap's fast reciprocal)
   loss         copy bandwidth, then the loss at 16384 x 128256 bf16 (hrmloss, in place, torch.compile,
                Liger, flash-attn's CE where installed; the stats and gradient passes alone), % of copy
   linear       the fused projection + loss against the GEMM floor (its four GEMMs) in the same run
@@ -36,8 +37,10 @@ import time
 
 STAGES = {"correctness": 75, "loss": 75, "linear": 40, "ncu": 40, "demo": 70}
 assert sum(STAGES.values()) <= 300
-CORRECTNESS_K = ("larger_shapes or more_than_2_31 or cuda_graph or inplace or bitwise or split or topk "
-                 "or subnormal or jsd")
+# tests/test_cuda.py's long rows (bf16, split over the multiprocessors at 8 x 262144), > 2^31 logits,
+# CUDA graphs, in-place; tests/test_cuda_session.py's top-k teacher, JSD subnormal mixture, soft cap
+CORRECTNESS_FILES = ("tests/test_cuda.py", "tests/test_cuda_session.py")
+CORRECTNESS_K = "larger_shapes or more_than_2_31 or cuda_graph or inplace_backward_on_the_gpu or session"
 LOSS_SHAPE, TINY_LOSS_SHAPE = (16384, 128256, "bfloat16"), (64, 512, "float32")
 # cheapest first: torch.compile compiles for tens of seconds, so it comes last
 LOSS_PROVIDERS = ("hrmloss", "stats-pass", "grad-pass", "hrmloss-inplace", "liger", "flash-attn-ce", "compile")
@@ -56,7 +59,7 @@ def _device(args):
 def stage_correctness(args, budget, save):
     # the dry run (no CUDA) only collects: that the selection still names tests is what it can check
     env = dict(os.environ, TRITON_INTERPRET="0" if args.device == "cuda" else "1")
-    cmd = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider", "-k", CORRECTNESS_K]
+    cmd = [sys.executable, "-m", "pytest", *CORRECTNESS_FILES, "-q", "-p", "no:cacheprovider", "-k", CORRECTNESS_K]
     cmd += [] if args.device == "cuda" else ["--collect-only"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget)
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
