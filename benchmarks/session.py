@@ -87,8 +87,11 @@ def stage_loss(args, budget, save):
     copy_bw = gpu.copy_bandwidth(timer, device, copy_bytes)
     n, v, dtype = TINY_LOSS_SHAPE if args.tiny else LOSS_SHAPE
     result = dict(copy_gbs=copy_bw / 1e9, rows=[], skipped=[])
+    def log(msg):
+        print(msg, flush=True)
+        if "skipped" in msg:
+            result["skipped"].append(msg.strip())
     for name in LOSS_PROVIDERS:   # one provider at a time, saved after each: a cut-off keeps the rest
-        log = lambda msg, name=name: (print(msg), "skipped" in msg and result["skipped"].append(msg.strip()))  # noqa: E731
         result["rows"] += gpu.measure_case(timer, device, n, v, dtype, [name], copy_bw, log)
         save(result)
     return result
@@ -241,12 +244,13 @@ def markdown(result):
            + ", ".join(f"{k} ({v}): {st[k].get('status')}" for k, v in result["budgets"].items()) + ".\n"]
     c = st["correctness"]
     if "summary" in c:
-        out.append(f"Correctness (`{c['command']}`): {c['summary']}" + "".join(f"\n- {f}" for f in c["failures"]) + "\n")
+        failures = "".join(f"\n- {f}" for f in c["failures"])
+        out.append(f"Correctness (`{c['command']}`): {c['summary']}{failures}\n")
     loss = st["loss"]
     if "rows" in loss:
         copy = f"{loss['copy_gbs']:.0f} GB/s" if "copy_gbs" in loss else "not measured"
         out.append(f"Loss ({loss['status']}), copy bandwidth {copy}:\n")
-        out.append("| N x V dtype | provider | pass | median ms | GB/s | % copy |\n| --- | --- | --- | --- | --- | --- |")
+        out += ["| N x V dtype | provider | pass | median ms | GB/s | % copy |", "|" + " --- |" * 6]
         for r in loss["rows"]:
             cell = (f"{r['median_ms']:.3f} | {r['gbs']:.0f} | {r['of_copy']:.0%}" if "median_ms" in r
                     else f"{r.get('error', '-')} | - | -")
@@ -255,7 +259,7 @@ def markdown(result):
     lin = st["linear"]
     if "rows" in lin:
         out.append("Fused linear + loss, forward + backward, against the GEMM floor of the same run:\n")
-        out.append("| provider | N x V x H dtype | median ms | TFLOP/s (4 GEMMs) | x floor |\n| --- | --- | --- | --- | --- |")
+        out += ["| provider | N x V x H dtype | median ms | TFLOP/s (4 GEMMs) | x floor |", "|" + " --- |" * 5]
         for r in lin["rows"]:
             if "median_ms" in r:
                 out.append(f"| {r['provider']} | {r['n']} x {r['v']} x {r['hidden']} {r['dtype']} | "
@@ -264,7 +268,8 @@ def markdown(result):
                 out.append(f"| {r['provider']} | {r['note']} | - | - | - |")
         out.append("")
     ncu = st["ncu"]
-    out.append("ncu: " + (ncu.get("unavailable") or ncu.get("note") or "\n```\n" + "\n".join(ncu.get("csv", [])) + "\n```") + "\n")
+    csv = "\n```\n" + "\n".join(ncu.get("csv", [])) + "\n```"
+    out.append("ncu: " + (ncu.get("unavailable") or ncu.get("note") or csv) + "\n")
     d = st["demo"]
     out.append(f"Demo: {d['seconds']:.0f} s." if "seconds" in d else f"Demo: {d.get('note') or d.get('status')}.")
     return "\n".join(out) + "\n"
