@@ -98,15 +98,19 @@ def stage_loss(args, budget, save):
 
 
 def stage_linear(args, budget, save):
+    """hrmloss's fused projection + loss (forward + backward to the hidden states and weights), its value
+    checked against the float64 reference first, and the GEMM floor (its four GEMMs alone) in the same run."""
+    import math
+
     import torch
-    from .common import linear_inputs
+    from .common import linear_inputs, reference_linear_loss
     from .gpu import Timer
-    from .providers import Unavailable, linear_provider
+    from .providers import NO_LOSS, Unavailable, linear_provider
     device = _device(args)
     n, v, hidden, dtype = TINY_LINEAR_SHAPE if args.tiny else LINEAR_SHAPE
     h0, w0, ht, wt, y = linear_inputs(n, v, hidden, getattr(torch, dtype), device)
-    timer = Timer(device)
-    rows = []
+    timer, state, rows = Timer(device), {}, []
+    reference = None
     for name in ("hrmloss-linear", "gemm-floor"):
         try:
             fn = linear_provider(name, device)
@@ -114,14 +118,25 @@ def stage_linear(args, budget, save):
             rows.append(dict(provider=name, note=str(e)))
             continue
 
+        def setup():   # fresh leaves, outside the timing
+            state["h"], state["w"] = h0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
+
         def call(fn=fn):
-            h, w = h0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
-            loss = fn(h, w, ht, wt, y)
+            loss = fn(state["h"], state["w"], ht, wt, y)
             if loss.requires_grad:
-                torch.autograd.grad(loss, (h, w))
-        med = sorted(timer(call, reps=3 if args.tiny else 10, warmup=1))[1 if args.tiny else 5]
-        rows.append(dict(provider=name, n=n, v=v, hidden=hidden, dtype=dtype, mode="forward+backward",
-                         median_ms=med, tflops=4 * 2 * n * hidden * v / (med / 1e3) / 1e12))
+                torch.autograd.grad(loss, (state["h"], state["w"]))
+            return loss
+        row = dict(provider=name, n=n, v=v, hidden=hidden, dtype=dtype, mode="forward+backward")
+        if name not in NO_LOSS:
+            setup()
+            reference = reference if reference is not None else reference_linear_loss(h0, w0, ht, wt, y)
+            row.update(loss=float(call().detach()), reference=float(reference))
+            if not math.isclose(row["loss"], row["reference"], rel_tol=1e-4 if dtype == "float32" else 3e-2):
+                rows.append(dict(row, error=f"loss {row['loss']!r} != float64 reference {row['reference']!r}"))
+                continue
+        times = sorted(timer(call, setup, reps=3 if args.tiny else 10, warmup=1))
+        med = times[len(times) // 2]
+        rows.append(dict(row, median_ms=med, tflops=4 * 2 * n * hidden * v / (med / 1e3) / 1e12))
         save(dict(rows=rows))
     floor = next((r["median_ms"] for r in rows if r["provider"] == "gemm-floor" and "median_ms" in r), None)
     for r in rows:
@@ -261,7 +276,9 @@ def markdown(result):
         out.append("Fused linear + loss, forward + backward, against the GEMM floor of the same run:\n")
         out += ["| provider | N x V x H dtype | median ms | TFLOP/s (4 GEMMs) | x floor |", "|" + " --- |" * 5]
         for r in lin["rows"]:
-            if "median_ms" in r:
+            if "error" in r:
+                out.append(f"| {r['provider']} | wrong loss: {r['error']} | - | - | - |")
+            elif "median_ms" in r:
                 out.append(f"| {r['provider']} | {r['n']} x {r['v']} x {r['hidden']} {r['dtype']} | "
                            f"{r['median_ms']:.2f} | {r['tflops']:.0f} | {r.get('of_floor', float('nan')):.2f} |")
             else:
