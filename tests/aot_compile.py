@@ -403,6 +403,18 @@ retires one wave64 VALU instruction a clock (64 fp32 lanes) and reads 5.3 TB/s /
 element for the reading passes whatever T, 45 for grad (6 bytes an element: ~46). Held on sm_80, sm_90
 and gfx942, with <= 64 registers a thread (VGPRs on AMD) or an occupancy >= 50 %, and no spills.
 
+**Where a budget is missed, and why** (the "met" column). The soft-capped stats pass at T = 1: 30.2
+(sm_90 bf16) against 30, after 39.5; the cap's floor is 6 instructions an element (FMUL, MUFU.EX2, FADD,
+MUFU.RCP, FFMA, and the FSEL that puts -inf at masked lanes), which only a mask-free loop over whole
+blocks (the masked tail peeled off) would remove; at T != 1 it meets 36. fp32 rows are held to the bf16
+budgets although they move twice the bytes (a DRAM-bound fp32 pass has ~70): the fp32 soft-capped (31.5)
+and truncated-reference (36.5) stats passes miss those, not their own bytes' budget. gfx942: the top-k
+teacher's passes (46 / 53 VALU, 79 / 110 VGPRs) pay for `tl.histogram` (the ids' lanes in a block), which
+triton lowers on AMD to per-bin ballots over 64-wide wavefronts (139 v_and + 64 v_bcnt per 8 elements);
+a per-row bitmask of the ids, or a loop over a sorted row's ids falling in the block, would avoid it.
+gfx942's soft-capped stats at T != 1 (32-33) and truncated reference (30.2-32) sit just over the derived
+30, which has no margin (it is the full-issue bound).
+
 **MUFU.** The special-function unit does 16 exp2 / lg2 / rcp a clock per SM. An H100 SM's share of
 3.35 TB/s at 1.755 GHz is 14.5 bytes a clock, so a pass moving B bytes an element stays DRAM-bound under
 16 B / 14.5 MUFU operations per element (bf16 stats, 4 bytes: 4.4; grad, 6 bytes: 6.6); an H200 (4.8 TB/s,
