@@ -3,6 +3,8 @@ docs/performance.md (between its markers, leaving the rest of the file alone).
 
     python -m benchmarks.gpu --out docs/performance.md --json benchmarks/results/gpu.json   # a CUDA machine
     python -m benchmarks.gpu --device cpu --tiny --out /tmp/gpu.md    # dry run of the code paths on a CPU
+    python -m benchmarks.gpu --session --out DIR     # one short GPU session, stage by stage (session.py)
+    python -m benchmarks.gpu --merge DIR             # that session's numbers into docs/performance.md
 
 In one process, on one device:
 - copy bandwidth: `y.copy_(x)` of COPY_BYTES, bytes read + written over the time: the baseline of the run;
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 from .common import labels, peak_bytes
 from .providers import HRM, IGNORE, Unavailable, loss_provider
+from . import session
 from .report import replace_section
 
 SHAPES = [(8192, 32000, "float32"), (16384, 128256, "bfloat16"), (8192, 151936, "bfloat16"),
@@ -276,7 +279,16 @@ def main(argv=None):
                     + ", ".join(f"{n} x {v}" for n, v in sorted(COMPILED_SHAPES)))
     ap.add_argument("--out", help="markdown file whose GPU section (between its markers) to replace")
     ap.add_argument("--json", help="write the rows as JSON here")
+    session.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.merge:
+        return print(f"merged {args.merge} into {session.merge(args.merge)}")
+    if args.stage or args.session:
+        if not args.out:
+            sys.exit("--session: give --out DIR")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("no CUDA device: use --device cpu --tiny for a dry run")
+        return session.run_stage(args) if args.stage else session.session(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for a dry run")

@@ -51,14 +51,16 @@ def _on_cubin(cubin, *args):
         return _run("cuobjdump", *args, f.name)
 
 
-def compile_kernel(fn, signature, constexprs, num_warps, cc=90, divisible=(), options=None):
-    """AOT-compile `fn` for sm_`cc`; returns the compiled kernel (asm['ptx'], asm['cubin']).
+def compile_kernel(fn, signature, constexprs, num_warps, cc=90, divisible=(), options=None, target=None):
+    """AOT-compile `fn` for sm_`cc` (or any GPUTarget `target`, e.g. GPUTarget("hip", "gfx942", 64));
+    returns the compiled kernel (asm['ptx'], asm['cubin'] on NVIDIA; asm['amdgcn'], asm['hsaco'] on AMD).
     `options`: further compile options (e.g. num_stages)."""
     names = fn.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, sig in signature.items()
              if sig.startswith("*") or n in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(options or {}, num_warps=num_warps))
+    return triton.compile(src, target=target or GPUTarget("cuda", cc, 32),
+                          options=dict(options or {}, num_warps=num_warps))
 
 
 def sass_instructions(cubin):
@@ -110,6 +112,7 @@ def loop_report(fn, signature, constexprs, num_warps, per_iteration, cc=90, divi
     return dict(regs=usage["REG"], spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0),
                 total_instructions=len(instrs), elements_per_thread=per_thread,
                 per_element=round(main["per_element"], 1), mix=main["mix"], loops=loops,
+                mufu_per_element=round(main["mix"].get("MUFU", 0) / per_thread, 2),
                 cubin_sha256=hashlib.sha256(cubin).hexdigest())
 
 

@@ -30,6 +30,7 @@ from .common import (
     CE_WEIGHT,
     HRM,
     LABEL_SMOOTHING,
+    LOG2E,
     N_FINAL,
     NEG_INF,
     REVERSE,
@@ -80,6 +81,7 @@ def _hrm_grad_kernel(
     CUT: tl.constexpr,       # u = -inf beyond V_ref
     K_PAD: tl.constexpr,     # next power of 2 >= K (REST)
     BLOCK_V: tl.constexpr,
+    PTX: tl.constexpr,       # an NVIDIA target: the log as PTX (common._log2); set by the launcher
 ):
     # read s (and t when READ_REF), write ds (and dt): 3 NVs for the usual case
     row, y = _row_label(y_ptr)
@@ -107,6 +109,7 @@ def _hrm_grad_kernel(
     label_hit = ce_weight * (1.0 - label_smoothing)
     q1_coef = ce_weight + 2.0 * tl.load(params_ptr + Z_LOSS) * lse_s
     softcap = tl.load(params_ptr + SOFTCAP_C)
+    cap_scale = 2.0 * LOG2E / softcap   # the soft cap's 2 log2(e) / c (common._load_student)
     y_local = y - vocab_start
     c = tl.load(params_ptr + HRM) * inv_temp
     if HAS_REF:  # one side has no mass (an all -inf row): a constant divergence, no gradient
@@ -117,7 +120,7 @@ def _hrm_grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < hi
         mask = cols < hi_live
-        s, dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        s, dcap = _load_student(s_row + cols, mask, cap_scale, softcap, SOFTCAP)
         # 1. cross-entropy with label smoothing, weighted by a = ce_weight, plus z-loss:
         #    d/ds [a ce + z lse_s^2] = q1 (a + 2 z lse_s) - a (1 - eps) onehot(y) - a eps / V_total
         q1 = _exp(s - lse_s)
@@ -148,7 +151,7 @@ def _hrm_grad_kernel(
                     dku = _xlog_ratio(q, lq, lp) - q * kl_q
                     dkw = p - q
                 else:
-                    lm = _log_mixture(p, q, beta)
+                    lm = _log_mixture(p, q, beta, PTX)
                     dku = (1.0 - beta) * (_xlog_ratio(q, lq, lm) - q * kl_q)
                     dkw = beta * (_xlog_ratio(p, lp, lm) - p * kl_p)
                 ds += c * dku

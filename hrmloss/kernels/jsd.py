@@ -13,6 +13,7 @@ from .common import (
     BIG,
     J_KL_PM,
     J_KL_QM,
+    LOG2E,
     N_JSD,
     NEG_INF,
     SOFTCAP_C,
@@ -46,6 +47,7 @@ def _hrm_jsd_kernel(
     CUT: tl.constexpr,      # u = -inf beyond V_ref
     BLOCK_V: tl.constexpr,
     ELEMS: tl.constexpr,    # contiguous columns per thread per iteration
+    PTX: tl.constexpr,      # an NVIDIA target: the log as PTX (common._log2); set by the launcher
 ):
     # read s and t once more: 2 NVs
     row, y = _row_label(y_ptr)
@@ -55,6 +57,7 @@ def _hrm_jsd_kernel(
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     beta = tl.load(params_ptr + BETA)
     softcap = tl.load(params_ptr + SOFTCAP_C)
+    cap_scale = 2.0 * LOG2E / softcap   # the soft cap's 2 log2(e) / c (common._load_student)
     s_row = s_ptr + _row_offset(row, T_rows, s_stride_b, s_stride_t)
     t_row = t_ptr + _row_offset(row, T_rows, t_stride_b, t_stride_t)
     lse_u = tl.load(lse_ptr + row * 2)
@@ -66,13 +69,13 @@ def _hrm_jsd_kernel(
     for start in range(lo, hi_live, BLOCK_V):
         cols = start + cols0
         mask = cols < hi_live
-        s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        s, _dcap = _load_student(s_row + cols, mask, cap_scale, softcap, SOFTCAP)
         s = _divergence_logits(s, cols, V_ref, CUT)
         t = tl.load(t_row + cols, mask=_ref_lanes(cols, mask, V_ref, CUT), other=NEG_INF).to(tl.float32)
         # m = beta p + (1 - beta) q > 0 wherever p > 0 or q > 0. A zero probability is a zero weight:
         # the logs are clamped to >= -BIG so that 0 * (a finite difference) = 0, never NaN.
         lq, lp, q, p = _log_probs(s, t, lse_u, lse_w, inv_temp, SCALED)
-        lm = _log_mixture(p, q, beta)
+        lm = _log_mixture(p, q, beta, PTX)
         kpm += tl.sum(p * (tl.maximum(lp, -BIG) - lm), 1)
         kqm += tl.sum(q * (tl.maximum(lq, -BIG) - lm), 1)
     out = out_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * N_JSD

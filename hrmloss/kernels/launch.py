@@ -7,10 +7,12 @@ fill the GPU (a few hundred rows of a long vocabulary). The stats and JSD passes
 row per column range, merged on the device by `stats.merge_partial` (the rules of
 `layout.PARTIAL_MERGE`, shared with the vocabulary-parallel merge); the gradient pass needs no merge.
 """
+import dataclasses
 import functools
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from ..engine.layout import JSD, PARTIAL
 from ..engine.stats import merge_partial
@@ -18,29 +20,66 @@ from .grad import _hrm_grad_kernel
 from .jsd import _hrm_jsd_kernel
 from .stats import _hrm_stats_kernel
 
-MAX_BLOCK_V = 2048       # gradient pass: columns per iteration (8 warps, 8 per thread)
+MAX_BLOCK_V = 2048       # gradient pass: columns per iteration (256 threads, 8 per thread)
+READ_THREADS = 256       # reading passes: threads a program (8 warps of 32, 4 wavefronts of 64 on CDNA)
 READ_THREAD_ROWS = 1     # reading passes: tile rows (16-byte slices) per thread per iteration
-PROGRAMS_PER_SM = 8      # split the vocabulary until rows x splits reaches this many programs per SM
+PROGRAMS_PER_SM = 8      # split the vocabulary until rows x splits reaches this many programs per SM (of 256
+                         # threads: 64 warps of 32 fill an NVIDIA SM, 32 wavefronts of 64 a CDNA CU)
 MIN_SPLIT_BLOCKS = 8     # ... but never into ranges of fewer blocks than this
 
 
-def launch_config(V):
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the launcher knows of the machine the kernels compile for: the backend ("cuda", "hip", or
+    "interpreter"), the architecture (compute capability 90, "gfx942"; None for the interpreter) and the
+    warp size (32; 64 on CDNA). `ptx`: inline PTX may be used (common._log2), a compile-time constexpr."""
+    backend: str
+    arch: object
+    warp_size: int
+
+    @property
+    def ptx(self):
+        return self.backend == "cuda"
+
+
+INTERPRETER = Target("interpreter", None, 32)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index):
+    p = torch.cuda.get_device_properties(index)
+    if torch.version.hip:
+        return Target("hip", p.gcnArchName.split(":")[0], getattr(p, "warp_size", 64))
+    return Target("cuda", p.major * 10 + p.minor, getattr(p, "warp_size", 32))
+
+
+def device_target(device):
+    """The Target of a device, decided at launch: the interpreter when triton.jit made interpreted
+    kernels (TRITON_INTERPRET=1 when they were decorated), else the device's GPU (a cached host query)."""
+    if isinstance(_hrm_stats_kernel, InterpretedFunction):
+        return INTERPRETER
+    if device.type != "cuda":  # another triton backend (an XPU): the portable forms, warps of 32
+        return Target(device.type, None, 32)
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_config(V, warp_size=32):
     """(BLOCK_V, num_warps) of the gradient pass for a vocabulary (shard) of V: the whole row up to
-    MAX_BLOCK_V, else blocks of MAX_BLOCK_V."""
+    MAX_BLOCK_V, else blocks of MAX_BLOCK_V; 256 threads a program (128 for blocks under 1024)."""
     block = min(triton.next_power_of_2(V), MAX_BLOCK_V)
-    warps = 8 if block >= 1024 else 4
-    return block, warps
+    threads = 256 if block >= 1024 else 128
+    return block, max(1, threads // warp_size)
 
 
-def read_config(V, elem_bytes):
+def read_config(V, elem_bytes, warp_size=32):
     """(BLOCK_V, ELEMS, num_warps) of the stats and JSD passes: ELEMS columns (16 bytes of the widest input
-    dtype) per thread and tile row, READ_THREAD_ROWS tile rows per thread, up to 8 warps; smaller rows get
-    fewer warps so that a block does not exceed the row."""
+    dtype) per thread and tile row, READ_THREAD_ROWS tile rows per thread, READ_THREADS threads; smaller
+    rows get fewer warps so that a block does not exceed the row."""
     elems = 16 // elem_bytes
-    warps = 8
-    while warps > 1 and elems * 32 * warps * READ_THREAD_ROWS > V:
+    warps = max(1, READ_THREADS // warp_size)
+    while warps > 1 and elems * warp_size * warps * READ_THREAD_ROWS > V:
         warps //= 2
-    return elems * 32 * warps * READ_THREAD_ROWS, elems, warps
+    return elems * warp_size * warps * READ_THREAD_ROWS, elems, warps
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +90,7 @@ def _sm_count(device_type, index):
 
 
 def multiprocessor_count(device):
-    """Streaming multiprocessors of a device (a host query, cached per device); 1 for the CPU."""
+    """Streaming multiprocessors (CUs on AMD) of a device (a host query, cached per device); 1 for the CPU."""
     index = device.index if device.index is not None else (
         torch.cuda.current_device() if device.type == "cuda" else 0)
     return _sm_count(device.type, index)
@@ -98,7 +137,9 @@ def row_stats(s, t, labels, params, st, vocab_start=0, topk_ids=None):
     topk_ids: (N, K) global ids, read when st.rest."""
     B, T_rows, V = s.shape
     N = B * T_rows
-    block, elems, warps = read_config(V, _elem_bytes(s, t) if st.has_ref else s.element_size())
+    target = device_target(s.device)
+    elem_bytes = _elem_bytes(s, t) if st.has_ref else s.element_size()
+    block, elems, warps = read_config(V, elem_bytes, target.warp_size)
     splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
     out = torch.empty((N, splits, len(PARTIAL)), device=s.device, dtype=torch.float32)
     ids, K, K_PAD = _ids(st, labels, topk_ids)
@@ -117,14 +158,16 @@ def jsd_sums(s, t, labels, lse_uw, params, st):
     """(N, JSD) fp32 partial sums KL(p||m), KL(q||m) given the final (N, 2) lse_u, lse_w. Reads s, t once."""
     B, T_rows, V = s.shape
     N = B * T_rows
-    block, elems, warps = read_config(V, _elem_bytes(s, t))
+    target = device_target(s.device)
+    block, elems, warps = read_config(V, _elem_bytes(s, t), target.warp_size)
     splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
     out = torch.empty((N, splits, len(JSD)), device=s.device, dtype=torch.float32)
     if N:
         _hrm_jsd_kernel[(N, splits)](
             **_rows("s", s), **_rows("t", t), y_ptr=labels, lse_ptr=lse_uw.contiguous(), out_ptr=out,
             params_ptr=params, T_rows=T_rows, V=V, V_ref=t.shape[-1], split_cols=cols, ignore_index=st.ignore_index,
-            SCALED=st.scaled, SOFTCAP=st.capped, CUT=st.cut, BLOCK_V=block, ELEMS=elems, num_warps=warps)
+            SCALED=st.scaled, SOFTCAP=st.capped, CUT=st.cut, BLOCK_V=block, ELEMS=elems, PTX=target.ptx,
+            num_warps=warps)
     return out.sum(1) if splits > 1 else out.view(N, len(JSD))
 
 
@@ -142,7 +185,8 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
     dt_arg = dt if ref_grad else ds  # not written unless REF_GRAD
     ids, K, K_PAD = _ids(st, labels, topk_ids)
     if N:
-        block, warps = launch_config(V)
+        target = device_target(s.device)
+        block, warps = launch_config(V, target.warp_size)
         splits, cols = vocab_splits(N, V, block, multiprocessor_count(s.device))
         _hrm_grad_kernel[(N, splits)](
             **_rows("s", s), **_rows("t", t), y_ptr=labels, ids_ptr=ids, stats_ptr=final.contiguous(),
@@ -150,5 +194,5 @@ def grad(s, t, labels, final, g, params, st, vocab_start, vocab_size, ref_grad=F
             vocab_start=vocab_start, vocab_size=vocab_size, V_ref=t.shape[-1], K=K, split_cols=cols,
             ignore_index=st.ignore_index, KIND=st.kind, SCALED=st.scaled, SOFTCAP=st.capped,
             READ_REF=st.has_ref and (not st.hrm_zero or ref_grad), REF_GRAD=ref_grad, HAS_REF=st.has_ref,
-            REST=st.rest, CUT=st.cut, K_PAD=K_PAD, BLOCK_V=block, num_warps=warps)
+            REST=st.rest, CUT=st.cut, K_PAD=K_PAD, BLOCK_V=block, PTX=target.ptx, num_warps=warps)
     return ds, dt

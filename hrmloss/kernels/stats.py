@@ -75,6 +75,7 @@ def _hrm_stats_kernel(
     # read s and t once: 2 NVs (1 without a dense reference); write 32 bytes a row and range
     inv_temp = 1.0 / tl.load(params_ptr + TEMPERATURE)
     softcap = tl.load(params_ptr + SOFTCAP_C)
+    cap_scale = 2.0 * LOG2E / softcap   # the soft cap's 2 log2(e) / c (common._load_student)
     row, y = _row_label(y_ptr)
     live = y != ignore_index
     lo, hi = _column_range(V, split_cols)
@@ -111,7 +112,7 @@ def _hrm_stats_kernel(
         mask = cols < hi_live
         # 1. load one block of each row, in fp32 at once (the student soft-capped if asked); with CUT
         #    the columns past the reference's leave u (su), not lse_s
-        s, _dcap = _load_student(s_row + cols, mask, softcap, SOFTCAP)
+        s, _dcap = _load_student(s_row + cols, mask, cap_scale, softcap, SOFTCAP)
         su = _divergence_logits(s, cols, V_ref, CUT)
         if HAS_REF:
             t = tl.load(t_row + cols, mask=_ref_lanes(cols, mask, V_ref, CUT), other=NEG_INF).to(tl.float32)
@@ -183,7 +184,7 @@ def _hrm_stats_kernel(
     # 5. the target logit, if this range owns the label (one element)
     y_local = y - vocab_start
     owned = live & (y_local >= lo) & (y_local < hi)
-    s_y, _dcap_y = _load_student(s_row + tl.where(owned, y_local, 0), owned, softcap, SOFTCAP)
+    s_y, _dcap_y = _load_student(s_row + tl.where(owned, y_local, 0), owned, cap_scale, softcap, SOFTCAP)
     s_y = tl.where(owned, s_y, 0.0)
     out = stats_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * N_PARTIAL
     tl.store(out + P_LSE_S, lse_s)
