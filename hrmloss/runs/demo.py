@@ -465,7 +465,9 @@ def main(out="hrmloss-demo", cfg=None, *, formats=("png", "svg")):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(results, indent=1, allow_nan=True))
-    paths, text = reports.report(read_runs(out / "demo.json"), out, fit_fraction=cfg.fit_fraction, formats=formats)
+    finals = {f"hrm={float(h):g}": (r["eval"]["kl"][-1], r["eval"]["ce"][-1]) for h, r in results["runs"].items()}
+    paths, text = reports.report(read_runs(out / "demo.json"), out, fit_fraction=cfg.fit_fraction, finals=finals,
+                                 formats=formats)
     text = summary(results) + text
     (out / "summary.txt").write_text(text)
     return [out / "demo.json", *paths, out / "summary.txt"], text
