@@ -296,11 +296,14 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
         return np.stack([np.ones_like(u), u ** -c], axis=1)
 
     def linear(c):
-        return opt.lsq_linear(design(c) * w[:, None], y * w, bounds=([floor, floor], [np.inf, np.inf]))
+        """(a, b) >= floor minimising the weighted squares at this c, and that sum (NNLS or plain lstsq)."""
+        m, t = design(c) * w[:, None], y * w
+        ab = opt.nnls(m, t)[0] if nonnegative else np.linalg.lstsq(m, t, rcond=None)[0]
+        return ab, float(np.sum((m @ ab - t) ** 2))
 
     grid = np.geomspace(max(lo, 1e-3 * hi), hi, 48)
-    c0 = min(grid, key=lambda c: linear(c).cost)
-    a0, b0 = linear(c0).x
+    c0 = min(grid, key=lambda c: linear(c)[1])
+    a0, b0 = linear(c0)[0]
 
     def jac(p):
         v = u ** -p[2]

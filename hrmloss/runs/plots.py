@@ -75,6 +75,16 @@ def _token_unit(max_tokens):
     return 1.0, "Tokens trained"
 
 
+def _log_x(ax):
+    """A log x axis labelled 1, 2, 5, 10, 20, ... (plain numbers, no crowded minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _series(name, x, y, positive_y=False):
     """A validated (x, y) curve; for a log y axis, only its points with y > 0 (KL is 0 at step 1)."""
     x, y = host_curve(x, y, 1)
@@ -305,7 +315,7 @@ def plot_test_loss(panels, path, *, token_panels=None, ylabel="Test loss", forma
                     xs = np.geomspace(x.min(), x.max(), 64)
                     ax.plot(xs, f(xs), **(dict(FIT, color=sm.to_rgba(t), lw=1.0) if f.ok else dict(WEAK, lw=0.9)))
                     n_ok += f.ok
-            ax.set_xscale("log")
+            _log_x(ax)
             ax.set_xlabel("Step (log scale)")
             ax.set_ylabel("Test loss at token index T")
             ax.set_title(f"{name}: loss per token index\n{n_ok} of {len(lines)} fits a + b * step^-c ok", fontsize=8)
@@ -316,7 +326,7 @@ def plot_test_loss(panels, path, *, token_panels=None, ylabel="Test loss", forma
                 x, y = _series(f"panels[{phase!r}][{name!r}]", x, y)
                 ax.plot(x, y, "o-", color=f"C{i}", ms=3, lw=1.4, label=str(name))
                 i += 1
-            ax.set_xscale("log")
+            _log_x(ax)
             ax.set_xlabel("Step (log scale)")
             ax.set_ylabel(ylabel)
             ax.set_title(str(phase))
