@@ -11,8 +11,8 @@
    from it (`reports.report`: hrm_sweep, position_loss, test_loss, pred_vs_real as PNG and SVG,
    report.json) and `summary.txt` (the run, the fits, and which of them are too weak to read).
 
-`--grid` (`run_grid`): models of 3 sizes x 2 context lengths trained from scratch on domain B, one
-scaling law with a factor per context length fitted across them (`reports.fit_grid`, the same as
+`--grid` (`run_grid`): models of 5 sizes x 3 context lengths trained from scratch on domain B, one
+scaling law with a factor per context length fitted across them on 5 % to 50 % of each run's tokens (`reports.fit_grid`, the same as
 `hrmloss fit-grid grid.json --group-factor`): `grid.json`, chart (d) `grid.png/svg`,
 `scaling_law.json` and `summary.txt`.
 
@@ -483,8 +483,8 @@ class GridConfig:
     steps, so runs differ only in size and context. The defaults finish in a few minutes on a 2-core CPU.
     """
 
-    widths: tuple = (32, 64, 128)
-    contexts: tuple = (64, 128)
+    widths: tuple = (24, 32, 48, 72, 112)  # 5 sizes, N from 15k to 0.3M non-embedding parameters (21x)
+    contexts: tuple = (32, 64, 128)        # 3 groups: the context length T, a factor on the loss each
     n_layer: int = 2
     n_head: int = 4
     tokens_per_step: int = 2048
@@ -526,7 +526,7 @@ class GridConfig:
         return self
 
 
-CUDA_GRID = dict(widths=(128, 256, 384), contexts=(256, 1024), n_layer=4, n_head=8, tokens_per_step=16384,
+CUDA_GRID = dict(widths=(96, 128, 192, 288, 448), contexts=(256, 512, 1024), n_layer=4, n_head=8, tokens_per_step=16384,
                  steps=1500, lr=1e-3, corpus_bytes=8 << 20)
 
 
