@@ -165,6 +165,15 @@ def test_configs_validate_and_the_cuda_sizes_are_sensible():
     cuda.validate()
     assert cuda.context >= 512 and cuda.d_model % cuda.n_head == 0
     assert DemoConfig(device="cpu").for_device() == DemoConfig(device="cpu")
+    # The grid: 3 groups x 5 sizes spanning at least 20x in N, on the CPU and the CUDA sizes.
+    from hrmloss.runs.demo import CUDA_GRID, TinyGPT, non_embedding_params
+
+    for g in (GridConfig(), GridConfig(**CUDA_GRID)):
+        g.validate()
+        n = [non_embedding_params(TinyGPT(16, w, g.n_layer, g.n_head)) for w in g.widths]
+        assert len(g.contexts) == 3 and len(n) == 5 and max(n) >= 20 * min(n), n
+    with pytest.raises(ValueError, match="threads"):
+        DemoConfig(threads=-1).validate()
 
 
 def test_test_windows_start_at_random_offsets():
