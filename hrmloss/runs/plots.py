@@ -289,9 +289,6 @@ def plot_test_loss(panels, path, *, token_panels=None, ylabel="Test loss", forma
     one panel per phase, one curve per run. Runs of different phases (a reference's pre-training and
     the fine-tuning runs from it) never share a step axis: their step 1 is not the same moment.
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import LogNorm
-
     if not panels or not all(panels.values()):
         raise ValueError("panels: expected {phase: {run: (steps, losses)}} with at least one run each")
     tokens = {}
@@ -305,6 +302,9 @@ def plot_test_loss(panels, path, *, token_panels=None, ylabel="Test loss", forma
     ncols = min(3, n)
     written = []
     with _chart(path, -(-n // ncols), ncols, 4.4, 3.4, formats, written) as (fig, axes):
+        from matplotlib.cm import ScalarMappable  # after _chart's check that matplotlib is installed
+        from matplotlib.colors import LogNorm
+
         flat = list(axes.flat)
         for ax, (name, lines) in zip(flat, tokens.items()):
             sm = ScalarMappable(norm=LogNorm(1, max(2, max(lines))), cmap="plasma")
