@@ -98,6 +98,9 @@ def _series(name, x, y, positive_y=False):
 def _raw_and_smooth(ax, x, y, color, window, label=None):
     """The raw values faint, their rolling median (`smooth`) bold; labelled "<label>: raw" / ": median"."""
     w = smooth_window(y.size, window)
+    if w <= 1:  # few points (e.g. held-out evaluations): no median to draw, one bold line
+        ax.plot(x, y, color=color, label=label, **BOLD)
+        return
     ax.plot(x, y, color=color, label=label and f"{label}: raw, per step", **RAW)
     ax.plot(x, smooth(y, w), color=color, label=label and f"{label}: rolling median ({w} points)", **BOLD)
 
