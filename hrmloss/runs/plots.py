@@ -222,9 +222,6 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
             optional "positions": (T,) token indices (default 1..T), optional "fits": the curves'
             `position_fits` when already made}}, one panel each.
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import LogNorm
-
     if not panels:
         raise ValueError("panels: expected at least one {title: {'step', 'loss'}}")
     checked = {}
@@ -245,6 +242,9 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
     nrows = -(-len(checked) // ncols)
     written = []
     with _chart(path, nrows, ncols, 5.6, 3.9, formats, written) as (fig, axes):
+        from matplotlib.cm import ScalarMappable  # after _chart's check that matplotlib is installed
+        from matplotlib.colors import LogNorm
+
         for ax, (title, (steps, curves, pos, fits)) in zip(axes.flat, checked.items()):
             sm = ScalarMappable(norm=LogNorm(steps.min(), max(steps.max(), steps.min() * 1.01)), cmap="viridis")
             weak = {}  # flags -> the steps whose fit has them: one legend entry each
