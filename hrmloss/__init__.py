@@ -20,7 +20,7 @@ _LAZY = {
     "FLAGS": "fits", "EXPONENT_RANGE": "fits", "smooth": "fits",
     "ScalingLawFit": "scaling", "fit_scaling_law": "scaling",
     "plot_hrm_sweep": "plots", "plot_position_loss": "plots", "plot_test_loss": "plots",
-    "plot_pred_vs_real": "plots", "plot_grid": "plots",
+    "plot_pred_vs_real": "plots", "plot_grid": "plots", "plot_pareto": "plots",
     "read_runs": "logs", "report": "reports", "fit_grid": "reports",
 }
 

@@ -9,16 +9,17 @@ import pytest
 
 from hrmloss.runs.cli import main
 from hrmloss.runs.fits import EXPONENT_RANGE
-from hrmloss.runs.demo import CUDA_DEMO, DemoConfig, GridConfig, eval_steps, split_tokens
+from hrmloss.runs.demo import CUDA_DEMO, DemoConfig, GridConfig, eval_steps, pick_threads, run, split_tokens
 
-CHARTS = ("hrm_sweep", "position_loss", "test_loss", "pred_vs_real")
+CHARTS = ("hrm_sweep", "position_loss", "test_loss", "pred_vs_real", "pareto")
 FILES = ("demo.json", "report.json", "report.txt", "summary.txt")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--no-progress", "--seed", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--no-progress", "--seed", "0", "--device", "cpu", "--threads", "1",
+                 "--out", str(out)]) == 0
     return out, json.loads((out / "demo.json").read_text())
 
 
@@ -51,8 +52,19 @@ def test_quick_demo_logs_every_number(quick_run):
     cfg = res["config"]
     ref = res["reference"]
     assert len(ref["train"]["loss"]) == cfg["ref_steps"]
-    assert ref["eval"]["step"] == eval_steps(cfg["ref_steps"], cfg["n_evals"])
-    assert np.array(ref["eval"]["position_ce"]).shape == (len(ref["eval"]["step"]), cfg["context"])
+    dense = eval_steps(cfg["ref_steps"], cfg["n_evals"], cfg["eval_start"])
+    pos = eval_steps(cfg["ref_steps"], cfg["n_position_evals"], cfg["eval_start"])
+    assert ref["eval"]["step"] == sorted(set(dense) | set(pos)) and ref["eval"]["position_step"] == pos
+    assert min(dense) >= cfg["eval_start"] * cfg["ref_steps"] - 0.5 and max(dense) == cfg["ref_steps"]
+    rows = np.array(ref["eval"]["position_ce"])
+    assert rows.shape == (len(ref["eval"]["step"]), cfg["context"])
+    # Per-position rows at the position steps only (NaN at the others), the mean at every step.
+    assert [s for s, r in zip(ref["eval"]["step"], rows) if np.isfinite(r).all()] == pos
+    assert np.isnan(rows[[s not in pos for s in ref["eval"]["step"]]]).all()
+    assert len(ref["eval"]["ce"]) == len(ref["eval"]["step"]) and np.isfinite(ref["eval"]["ce"]).all()
+    env = res["environment"]
+    assert env["threads"] == 1 and env["torch"] and env["numpy"] == np.__version__
+    assert {len(h) for h in env["corpus_sha256"].values()} == {64}
     for run in res["runs"].values():
         tr = run["train"]
         assert len(tr["step"]) == len(tr["loss"]) == len(tr["ce"]) == len(tr["kl"]) == cfg["steps"]
@@ -92,6 +104,37 @@ def test_no_fit_has_a_bad_parameter_without_its_flag(quick_run):
             assert "not ok" not in line, line
 
 
+def test_report_has_per_token_index_and_pareto_sections(quick_run):
+    out, res = quick_run
+    doc = json.loads((out / "report.json").read_text())
+    assert set(doc["per_token_index"]) == {"reference", "hrm=0.001", "hrm=0.5", "hrm=10"}
+    steps = res["runs"]["0.5"]["eval"]["position_step"]
+    for t, line in doc["per_token_index"]["hrm=0.5"].items():
+        assert line["steps"] == steps and len(line["losses"]) == len(steps)
+        ce = np.array(res["runs"]["0.5"]["eval"]["position_ce"])[[s in steps for s in res["runs"]["0.5"]["eval"]["step"]]]
+        np.testing.assert_allclose(line["losses"], ce[:, int(t) - 1])
+        assert line["ok"] == (not line["flags"]) and line["fit"]["flags"] == line["flags"]
+    pareto = doc["pareto"]
+    assert set(pareto) == {"hrm=0.001", "hrm=0.5", "hrm=10"}
+    for name, p in pareto.items():
+        e = res["runs"][repr(p["hrm"])]["eval"]
+        assert (p["kl"], p["ce"]) == (e["kl"][-1], e["ce"][-1])
+    text = (out / "summary.txt").read_text()
+    assert "Pareto front" in text and "per-token-index test loss" in text and "after the first 5 % of the run" in text
+
+
+def test_the_demo_is_deterministic_for_a_seed_and_a_thread_count():
+    cfg = DemoConfig(device="cpu", progress=False, threads=1).quick()
+    from dataclasses import replace
+
+    cfg = replace(cfg, ref_steps=8, steps=8, hrms=(0.5,), n_evals=3, n_position_evals=2)
+    a, b = run(cfg), run(cfg)
+    for r in (a, b):
+        r.pop("seconds")
+    assert json.dumps(a) == json.dumps(b)
+    assert 1 <= pick_threads()
+
+
 def test_quick_grid_fits_one_law_across_the_grid(tmp_path):
     out = tmp_path / "grid"
     assert main(["demo", "--grid", "--quick", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
@@ -122,6 +165,15 @@ def test_configs_validate_and_the_cuda_sizes_are_sensible():
     cuda.validate()
     assert cuda.context >= 512 and cuda.d_model % cuda.n_head == 0
     assert DemoConfig(device="cpu").for_device() == DemoConfig(device="cpu")
+    # The grid: 3 groups x 5 sizes spanning at least 20x in N, on the CPU and the CUDA sizes.
+    from hrmloss.runs.demo import CUDA_GRID, TinyGPT, non_embedding_params
+
+    for g in (GridConfig(), GridConfig(**CUDA_GRID)):
+        g.validate()
+        n = [non_embedding_params(TinyGPT(16, w, g.n_layer, g.n_head)) for w in g.widths]
+        assert len(g.contexts) == 3 and len(n) == 5 and max(n) >= 20 * min(n), n
+    with pytest.raises(ValueError, match="threads"):
+        DemoConfig(threads=-1).validate()
 
 
 def test_test_windows_start_at_random_offsets():

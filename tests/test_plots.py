@@ -46,7 +46,7 @@ def test_plot_position_loss_fits_each_step_and_greys_a_weak_fit(tmp_path):
     curves = np.array([flat, *good])
     curves[1, 5] = np.nan  # a position with no counted token is skipped
     svg = _written(plots.plot_position_loss({"run": {"step": [1, 10, 100], "loss": curves}}, tmp_path / "pos"), "pos")
-    assert "step 1: no fit (low_r2" in svg and re.search(r"step 100: 2\.0 \+ 3\.0 \* T\^-0\.(49|50|51)<", svg)
+    assert "step 1: no fit (low_signal" in svg and re.search(r"step 100: 2\.0 \+ 3\.0 \* T\^-0\.(49|50|51)<", svg)
     assert "Step" in svg and "Token index T" in svg  # the colour bar and the axis
 
 

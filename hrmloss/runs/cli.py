@@ -30,6 +30,7 @@ def _typed(convert, check, expected):
 
 _POS_INT = _typed(int, lambda v: v > 0, "a positive int")
 _HRM = _typed(float, lambda v: math.isfinite(v) and v >= 0, "a finite hrm >= 0")
+_THREADS = _typed(int, lambda v: v >= 0, "an int >= 0 (0: picked from the free cores)")
 _FRACTION = _typed(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 _FRACTION_CLOSED = _typed(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
@@ -97,6 +98,9 @@ def _parser():
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a tiny model and few steps (seconds)")
     demo.add_argument("--grid", action="store_true", help="the scaling-law grid instead of the hrm sweep")
+    demo.add_argument("--threads", type=_THREADS, default=0,
+                      help="CPU threads (default 0: the cores that the load average says are free, at least 1; "
+                           "results are deterministic for a seed and a thread count)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     _formats_argument(demo)
     demo.set_defaults(parser=demo)
@@ -146,9 +150,10 @@ def _demo(args, parser):
 
     try:
         if args.grid:
-            cfg = GridConfig(device=args.device, seed=args.seed, progress=not args.no_progress)
+            cfg = GridConfig(device=args.device, seed=args.seed, threads=args.threads, progress=not args.no_progress)
         else:
-            cfg = DemoConfig(device=args.device, hrms=tuple(args.hrm), seed=args.seed, progress=not args.no_progress)
+            cfg = DemoConfig(device=args.device, hrms=tuple(args.hrm), seed=args.seed, threads=args.threads,
+                             progress=not args.no_progress)
         cfg = cfg.quick() if args.quick else cfg.for_device()
         if args.steps is not None:  # the demo's reference keeps its share of the steps
             ref = {} if args.grid else {"ref_steps": round(args.steps * cfg.ref_steps / cfg.steps)}

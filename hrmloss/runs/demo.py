@@ -11,8 +11,8 @@
    from it (`reports.report`: hrm_sweep, position_loss, test_loss, pred_vs_real as PNG and SVG,
    report.json) and `summary.txt` (the run, the fits, and which of them are too weak to read).
 
-`--grid` (`run_grid`): models of 3 sizes x 2 context lengths trained from scratch on domain B, one
-scaling law with a factor per context length fitted across them (`reports.fit_grid`, the same as
+`--grid` (`run_grid`): models of 5 sizes x 3 context lengths trained from scratch on domain B, one
+scaling law with a factor per context length fitted across them on 5 % to 50 % of each run's tokens (`reports.fit_grid`, the same as
 `hrmloss fit-grid grid.json --group-factor`): `grid.json`, chart (d) `grid.png/svg`,
 `scaling_law.json` and `summary.txt`.
 
@@ -21,10 +21,14 @@ larger model and more steps (`CUDA_DEMO`, `CUDA_GRID`), chosen to finish in minu
 but not measured on one (this project's machines have none).
 """
 import ast
+import hashlib
 import json
 import math
+import os
+import platform
 import sysconfig
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -56,17 +60,22 @@ class DemoConfig:
     n_head: int = 4
     ref_lr: float = 1e-2
     lr: float = 3e-3
-    n_evals: int = 7            # log-spaced evaluation steps per run (the last included)
-    eval_windows: int = 1024    # held-out windows of domain A (the per-position chart needs many)
-    eval_windows_b: int = 192   # held-out windows of domain B, for the fine-tuning runs
+    n_evals: int = 24           # held-out mean loss at this many log-spaced steps (Pred's curve)
+    n_position_evals: int = 10  # per-position test loss at this many log-spaced steps (charts b, c)
+    eval_start: float = 0.05    # both schedules start at this share of the steps (where learning starts)
+    eval_windows: int = 1024    # held-out windows of domain A, for the per-position curves
+    eval_windows_b: int = 1024  # held-out windows of domain B, for the fine-tuning runs' per-position curves
+    mean_windows: int = 96      # the first this many of them give the mean held-out loss at every eval step
     corpus_bytes: int = 1 << 20  # at most this many bytes per domain
     fit_fraction: float = 0.4   # share of the tokens range used to fit the "Pred" curves
+    threads: int = 0            # CPU threads (torch.set_num_threads); 0: `pick_threads()`
     progress: bool = True
 
     def quick(self):
         """A tiny run for tests and smoke checks."""
         return replace(self, ref_steps=60, steps=40, context=32, batch=8, d_model=48, n_layer=1, n_head=2,
-                       n_evals=4, eval_windows=64, eval_windows_b=32, corpus_bytes=1 << 17)
+                       n_evals=12, n_position_evals=4, eval_windows=64, eval_windows_b=64, mean_windows=32,
+                       corpus_bytes=1 << 17)
 
     def for_device(self):
         """The CUDA sizes (`CUDA_DEMO`) when `device` resolves to a GPU, else self."""
@@ -74,7 +83,7 @@ class DemoConfig:
 
     def validate(self):
         for name in ("ref_steps", "steps", "context", "batch", "d_model", "n_layer", "n_head", "n_evals",
-                     "eval_windows", "eval_windows_b", "corpus_bytes"):
+                     "n_position_evals", "eval_windows", "eval_windows_b", "mean_windows", "corpus_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
@@ -90,6 +99,12 @@ class DemoConfig:
                 raise ValueError(f"hrm={h!r}: expected a finite number >= 0")
         if not 0 < self.fit_fraction < 1:
             raise ValueError(f"fit_fraction={self.fit_fraction!r}: expected a number in (0, 1)")
+        if not 0 < self.eval_start < self.fit_fraction:
+            raise ValueError(f"eval_start={self.eval_start!r}: expected a number in (0, fit_fraction={self.fit_fraction})")
+        if self.mean_windows > min(self.eval_windows, self.eval_windows_b):
+            raise ValueError(f"mean_windows={self.mean_windows}: expected at most eval_windows={self.eval_windows} "
+                             f"and eval_windows_b={self.eval_windows_b} (it is their first windows)")
+        check_threads(self.threads)
         _resolve_device(self.device)
         return self
 
@@ -100,7 +115,8 @@ class DemoConfig:
 # grows to the whole standard library (about 2.3 MB of docstrings, 8 MiB of code), so that the
 # reference sees its prose under 3 times.
 CUDA_DEMO = dict(ref_steps=1500, steps=300, context=512, batch=8, d_model=192, n_layer=4, n_head=6, ref_lr=3e-3,
-                 lr=1e-3, n_evals=8, eval_windows=512, eval_windows_b=256, corpus_bytes=8 << 20)
+                 lr=1e-3, n_evals=24, n_position_evals=10, eval_windows=512, eval_windows_b=512,
+                 corpus_bytes=8 << 20)
 
 
 # 1. Corpus -------------------------------------------------------------------------------------------
@@ -217,27 +233,83 @@ class TinyGPT(nn.Module):
 
 # 3-4. Training and evaluation ------------------------------------------------------------------------
 
-def eval_steps(steps, n):
-    """Log-spaced evaluation steps in [1, steps], always including `steps`."""
-    return sorted({int(round(s)) for s in np.geomspace(1, steps, n)} | {steps})
+def check_threads(threads):
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads={threads!r}: expected an int >= 1, or 0 for `pick_threads()`")
+    return threads
+
+
+def pick_threads():
+    """CPU threads for the demo: the cores this process may use, less those other processes keep busy.
+
+    busy = the 1-minute load average, rounded; at least 1 thread. On a 2-core machine with one core
+    taken, two OpenMP threads would wait on each other at every parallel region (3.3x slower than one
+    thread under that load); one thread is what is left. The choice is recorded in demo.json: the CPU
+    reductions, so the numbers, depend on the thread count (give `--threads` to reproduce a run).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, cores - busy)
+
+
+@contextmanager
+def torch_threads(threads):
+    """torch.set_num_threads(threads or pick_threads()) inside the block (restored after); yields the count."""
+    n = check_threads(threads) or pick_threads()
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
+def eval_steps(steps, n, start=0.05):
+    """n log-spaced steps from start * steps (at least 1) to `steps` (rounded, distinct, `steps` included).
+
+    Starting where learning starts, rather than at step 1, puts the points where the fits look: the
+    curve fits leave out the first 5 % of a run (`fits.SKIP_FRACTION`).
+    """
+    return sorted({int(round(s)) for s in np.geomspace(max(1.0, start * steps), steps, n)} | {steps})
 
 
 @torch.no_grad()
-def evaluate(model, ref, windows, hrm):
-    """Per-position test ce / kl (numpy (T,)) and their means over tokens; kl = 0 without a reference."""
+def logits_of(model, windows):
+    """The model's logits on windows (W, T+1) -> (W, T, V), in chunks of 16 windows."""
+    model.eval()
+    return torch.cat([model(chunk[:, :-1]) for chunk in windows.split(16)])
+
+
+@torch.no_grad()
+def evaluate(model, windows, *, mean_windows, ref_logits=None, hrm=0.0, positions=True):
+    """Held-out ce / kl means over the first `mean_windows` windows; per-position ce over all of them.
+
+    ref_logits: the reference's logits on those first windows (`logits_of`), or None (kl = 0).
+    positions: also evaluate the other windows, for "position_ce" (numpy (T,) as a list).
+    Returns {"ce", "kl", "loss" = ce + hrm * kl} (means over tokens) [+ "position_ce"].
+    """
     model.eval()
     acc = PositionLoss()
-    for chunk in windows.split(16):
-        x, y = chunk[:, :-1], chunk[:, 1:]
-        logits = model(x)
-        ref_logits = ref(x) if ref is not None else logits
-        out = hrm_loss(logits, ref_logits, y, hrm=hrm, reduction="none", return_components=True)
-        acc.update(out.ce, out.kl, torch.ones_like(y, dtype=torch.bool))
+    sums = torch.zeros(3, dtype=torch.float64, device=windows.device)  # ce, kl, tokens of the mean windows
+    parts = [(windows[:mean_windows], ref_logits)] + [(windows[mean_windows:], None)] * bool(positions)
+    for k, (part, ref) in enumerate(parts):
+        for i, chunk in enumerate(part.split(16)):
+            x, y = chunk[:, :-1], chunk[:, 1:]
+            logits = model(x)
+            r = logits if ref is None else ref[16 * i:16 * i + len(chunk)]
+            out = hrm_loss(logits, r, y, hrm=hrm, reduction="none", return_components=True)
+            acc.update(out.ce, out.kl, torch.ones_like(y, dtype=torch.bool))
+            if k == 0:
+                sums += torch.stack([out.ce.sum(), out.kl.sum(), torch.tensor(float(y.numel()))]).to(sums)
     model.train()
-    pos = acc.compute(hrm)
-    w = pos["count"] / pos["count"].sum()
-    return {"position_ce": pos["ce"].tolist(), "position_kl": pos["kl"].tolist(),
-            "ce": float(w @ pos["ce"]), "kl": float(w @ pos["kl"]), "loss": float(w @ pos["loss"])}
+    ce, kl, n = sums.tolist()
+    res = {"ce": ce / n, "kl": kl / n, "loss": (ce + hrm * kl) / n}
+    if positions:
+        res["position_ce"] = acc.compute()["ce"].tolist()
+    return res
 
 
 def _progress(cfg, total, desc):
@@ -250,16 +322,23 @@ def _progress(cfg, total, desc):
 def train(cfg, model, train_tokens, test_windows, *, ref=None, hrm=0.0, lr, steps, seed, desc):
     """Train `model` for `steps` AdamW steps; with `ref`, on `hrm_loss` against it, else on CE alone.
 
-    Logs per step: loss = mean over tokens of ce + hrm * kl, ce, kl, and tokens trained;
-    per evaluation step: `evaluate` on `test_windows`.
+    Logs per step: loss = mean over tokens of ce + hrm * kl, ce, kl, and tokens trained. Two held-out
+    schedules (`eval_steps`, both from cfg.eval_start of the run): the mean ce / kl / loss over the first
+    cfg.mean_windows test windows at cfg.n_evals steps, and the per-position ce over all test windows at
+    cfg.n_position_evals of them ("position_ce": a NaN row at the other steps; "position_step" lists them).
     """
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    at = set(eval_steps(steps, cfg.n_evals))
+    pos_at = set(eval_steps(steps, cfg.n_position_evals, cfg.eval_start))
+    at = set(eval_steps(steps, cfg.n_evals, cfg.eval_start)) | pos_at
+    mean_windows = min(cfg.mean_windows, len(test_windows))
+    ref_logits = logits_of(ref, test_windows[:mean_windows]) if ref is not None else None
+    nan_row = [math.nan] * cfg.context
     log = {"step": [], "tokens": [], "loss": [], "ce": [], "kl": []}
-    evals = {"step": [], "tokens": []}
+    evals = {"step": [], "tokens": [], "position_step": sorted(pos_at), "mean_windows": mean_windows,
+             "position_windows": len(test_windows)}
     rows = []
     bar = _progress(cfg, steps, desc)
     for step, chunk in enumerate(batches(train_tokens, cfg.context, cfg.batch, steps, seed), start=1):
@@ -267,8 +346,8 @@ def train(cfg, model, train_tokens, test_windows, *, ref=None, hrm=0.0, lr, step
         x, y = chunk[:, :-1], chunk[:, 1:]
         logits = model(x)
         with torch.no_grad():
-            ref_logits = ref(x) if ref is not None else logits.detach()
-        out = hrm_loss(logits, ref_logits, y, hrm=hrm, reduction="mean", return_components=True)
+            ref_batch = ref(x) if ref is not None else logits.detach()
+        out = hrm_loss(logits, ref_batch, y, hrm=hrm, reduction="mean", return_components=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -281,11 +360,17 @@ def train(cfg, model, train_tokens, test_windows, *, ref=None, hrm=0.0, lr, step
             rows = []
             evals["step"].append(step)
             evals["tokens"].append(step * cfg.batch * cfg.context)
-            for k, v in evaluate(model, ref, test_windows, hrm).items():
+            res = evaluate(model, test_windows, mean_windows=mean_windows, ref_logits=ref_logits, hrm=hrm,
+                           positions=step in pos_at)
+            res.setdefault("position_ce", nan_row)
+            for k, v in res.items():
                 evals.setdefault(k, []).append(v)
             bar.set_postfix(ce=f"{evals['ce'][-1]:.3f}", kl=f"{evals['kl'][-1]:.4f}")
         bar.update(1)
     bar.close()
+    if rows:
+        for k, v in zip(("loss", "ce", "kl"), torch.stack(rows).cpu().T.tolist()):
+            log[k] += v
     log["step"] = list(range(1, steps + 1))
     log["tokens"] = [s * cfg.batch * cfg.context for s in log["step"]]
     return {"train": log, "eval": evals}
@@ -303,9 +388,24 @@ def _resolve_device(name):
     return device
 
 
+def environment(threads, **corpora):
+    """What a run's numbers depend on besides the config: versions, the thread count, the corpora's sha256."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "threads": threads, "platform": platform.platform(),
+            "corpus_sha256": {k: hashlib.sha256(v).hexdigest() for k, v in corpora.items()}}
+
+
 def run(cfg):
-    """Run the whole demo (corpus, reference, sweep, evaluations); returns the JSON-able results."""
+    """Run the whole demo (corpus, reference, sweep, evaluations); returns the JSON-able results.
+
+    On `cfg.threads` CPU threads (0: `pick_threads()`); deterministic for a seed and a thread count.
+    """
     cfg.validate()
+    with torch_threads(cfg.threads) as threads:
+        return _run(cfg, threads)
+
+
+def _run(cfg, threads):
     device = _resolve_device(cfg.device)
     t0 = time.perf_counter()
     prose, code = stdlib_domains(cfg.corpus_bytes)
@@ -318,7 +418,7 @@ def run(cfg):
     reference = train(cfg, ref, a_train, a_test, lr=cfg.ref_lr, steps=cfg.ref_steps, seed=cfg.seed,
                       desc="reference on A")
     ref.eval().requires_grad_(False)
-    reference["on_b"] = evaluate(ref, None, b_test, 0.0)
+    reference["on_b"] = evaluate(ref, b_test, mean_windows=min(cfg.mean_windows, len(b_test)))
 
     runs = {}
     for hrm in cfg.hrms:
@@ -330,6 +430,7 @@ def run(cfg):
                                        steps=cfg.steps, seed=cfg.seed + 1, desc=f"hrm={hrm:g} on B")
 
     return {"config": asdict(cfg) | {"hrms": [float(h) for h in cfg.hrms], "device": str(device)},
+            "environment": environment(threads, domain_a=prose, domain_b=code),
             "corpus": {"domain_a": "stdlib docstrings (prose)", "domain_b": "stdlib code without docstrings",
                        "bytes_a": len(prose), "bytes_b": len(code), "tokenizer": "bytes (V=256)"},
             "reference": reference, "runs": runs, "seconds": time.perf_counter() - t0}
@@ -337,9 +438,10 @@ def run(cfg):
 
 def summary(results):
     """The run in a few lines: sizes, time, final test values per hrm (the fits follow from `report`)."""
-    cfg, ref = results["config"], results["reference"]
+    cfg, ref, env = results["config"], results["reference"], results["environment"]
     lines = [f"hrmloss demo: byte-level GPT (d={cfg['d_model']}, layers={cfg['n_layer']}, T={cfg['context']}, "
-             f"batch {cfg['batch']}), device {cfg['device']}, {results['seconds']:.0f} s of training and evaluation",
+             f"batch {cfg['batch']}), device {cfg['device']}, {env['threads']} CPU threads, "
+             f"{results['seconds']:.0f} s of training and evaluation (torch {env['torch']}, numpy {env['numpy']})",
              f"reference: {cfg['ref_steps']} steps on domain A (stdlib docstrings); test CE on A "
              f"{ref['eval']['ce'][-1]:.3f}, on B {ref['on_b']['ce']:.3f} nats/byte",
              f"fine-tuning on domain B (stdlib code), {cfg['steps']} steps per hrm, final test values:",
@@ -355,116 +457,30 @@ def main(out="hrmloss-demo", cfg=None, *, formats=("png", "svg")):
 
     Returns (paths written, summary text).
     """
-    from . import reports
-    from .logs import read_runs
-
     cfg = (cfg or DemoConfig().for_device()).validate()
     results = run(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(results, indent=1, allow_nan=True))
-    paths, text = reports.report(read_runs(out / "demo.json"), out, fit_fraction=cfg.fit_fraction, formats=formats)
-    text = summary(results) + text
-    (out / "summary.txt").write_text(text)
-    return [out / "demo.json", *paths, out / "summary.txt"], text
+    paths, text = report_demo(out / "demo.json", out, formats=formats)
+    return [out / "demo.json", *paths], text
 
 
-# --grid: a scaling law across model sizes and context lengths ------------------------------------------
+def report_demo(path, out, *, formats=("png", "svg")):
+    """The charts, report.json / report.txt and summary.txt of a demo.json (what `main` writes after the run).
 
-@dataclass
-class GridConfig:
-    """Models of `widths` (d_model) x `contexts`, trained from scratch on domain B (stdlib code).
-
-    Every run sees `tokens_per_step` tokens per step (batch = tokens_per_step // context) for `steps`
-    steps, so runs differ only in size and context. The defaults finish in a few minutes on a 2-core CPU.
+    As `hrmloss report demo.json`, with the Pareto chart's points from the held-out evaluations.
     """
-
-    widths: tuple = (32, 64, 128)
-    contexts: tuple = (64, 128)
-    n_layer: int = 2
-    n_head: int = 4
-    tokens_per_step: int = 2048
-    steps: int = 400
-    lr: float = 3e-3
-    fit_fraction: float = 0.5
-    corpus_bytes: int = 2 << 20
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-    def quick(self):
-        """A tiny grid for tests (seconds)."""
-        return replace(self, widths=(16, 24, 32), contexts=(16, 32), n_layer=1, n_head=2, tokens_per_step=256,
-                       steps=40, corpus_bytes=1 << 17)
-
-    def for_device(self):
-        """The CUDA sizes (`CUDA_GRID`) when `device` resolves to a GPU, else self."""
-        return replace(self, **CUDA_GRID) if _resolve_device(self.device).type == "cuda" else self
-
-    def validate(self):
-        for name in ("n_layer", "n_head", "tokens_per_step", "steps", "corpus_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected a positive int")
-        if self.steps < 20:
-            raise ValueError(f"steps={self.steps}: expected at least 20 (the law needs points to fit)")
-        if len(set(self.widths)) < 3:
-            raise ValueError(f"widths={self.widths!r}: expected at least 3 model sizes (the law has E, A, alpha)")
-        for w in self.widths:
-            if w % self.n_head:
-                raise ValueError(f"widths: {w} is not a multiple of n_head={self.n_head}")
-        for t in self.contexts:
-            if not 1 <= t <= self.tokens_per_step:
-                raise ValueError(f"contexts: {t} is not in [1, tokens_per_step={self.tokens_per_step}]")
-        _resolve_device(self.device)
-        return self
-
-
-CUDA_GRID = dict(widths=(128, 256, 384), contexts=(256, 1024), n_layer=4, n_head=8, tokens_per_step=16384,
-                 steps=1500, lr=1e-3, corpus_bytes=8 << 20)
-
-
-def non_embedding_params(model):
-    """N of a scaling law: parameters outside the token/position embeddings and the output head."""
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("tok.", "pos.", "head.")))
-
-
-def grid(cfg):
-    """Train every (context, width) of the grid; returns the JSON-able results (grid.json)."""
-    cfg.validate()
-    device = _resolve_device(cfg.device)
-    t0 = time.perf_counter()
-    _, code = stdlib_domains(cfg.corpus_bytes)
-    rows = []
-    for context in cfg.contexts:
-        run_cfg = DemoConfig(context=context, batch=cfg.tokens_per_step // context, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_evals=2, eval_windows_b=16, device=cfg.device, progress=cfg.progress)
-        b_train, b_test = split_tokens(code, context, run_cfg.eval_windows_b)
-        for width in cfg.widths:
-            torch.manual_seed(cfg.seed)
-            model = TinyGPT(context, width, cfg.n_layer, cfg.n_head).to(device)
-            log = train(replace(run_cfg, d_model=width), model, b_train, b_test.to(device), lr=cfg.lr,
-                        steps=cfg.steps, seed=cfg.seed, desc=f"T={context} d={width}")["train"]
-            rows.append({"name": f"T={context}, d={width}", "N": non_embedding_params(model), "group": f"T={context}",
-                         "context": context, "d_model": width, "step": log["step"], "tokens": log["tokens"],
-                         "loss": log["loss"]})
-    return {"config": asdict(cfg) | {"device": str(device)}, "grid": rows, "seconds": time.perf_counter() - t0}
-
-
-def run_grid(out="hrmloss-grid", cfg=None, *, formats=("png", "svg")):
-    """Run the grid; write grid.json, then what `hrmloss fit-grid grid.json` writes, and summary.txt."""
     from . import reports
     from .logs import read_runs
 
-    cfg = (cfg or GridConfig().for_device()).validate()
-    results = grid(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.json").write_text(json.dumps(results, indent=1))
-    paths, text, _ = reports.fit_grid(read_runs(out / "grid.json"), out, fit_fraction=cfg.fit_fraction,
-                                      group_factor=True, formats=formats)
-    head = (f"hrmloss demo --grid: {len(cfg.widths)} widths {cfg.widths} x contexts {cfg.contexts}, {cfg.n_layer} "
-            f"layers, {cfg.steps} steps of {cfg.tokens_per_step} tokens on domain B, device {results['config']['device']}, "
-            f"{results['seconds']:.0f} s of training\n")
-    (out / "summary.txt").write_text(head + text)
-    return [out / "grid.json", *paths, out / "summary.txt"], head + text
+    results = json.loads(Path(path).read_text())
+    finals = {f"hrm={float(h):g}": (r["eval"]["kl"][-1], r["eval"]["ce"][-1]) for h, r in results["runs"].items()}
+    paths, text = reports.report(read_runs(path), out, fit_fraction=results["config"]["fit_fraction"], finals=finals,
+                                 formats=formats)
+    text = summary(results) + text
+    (Path(out) / "summary.txt").write_text(text)
+    return [*paths, Path(out) / "summary.txt"], text
+
+
+from .grid import CUDA_GRID, GridConfig, grid, non_embedding_params, run_grid  # noqa: E402  (--grid, re-exported)

@@ -20,13 +20,24 @@ MAX_EXTRAPOLATION = 10.0
 """A prediction further than this factor beyond the fitted range (in tokens, or in N) is `extrapolated`."""
 POINTS_PER_PARAMETER = 3
 """Fewer fitted points than this many per parameter is `few_points`."""
+MISFIT_P = 1e-3
+"""With per-point standard errors s_i, a fit whose residuals r_i give a chi-square sum(r_i^2 / s_i^2) this
+unlikely (p-value, n - 3 degrees of freedom) under noise alone is `misfit`: the form does not describe the data."""
+MIN_SIGNAL_TO_NOISE = 5.0
+"""With per-point standard errors, a fit whose curve drops by less than this many (median) standard errors
+over its range is `low_signal`: the data hold no trend to read, whatever the fit."""
 SKIP_FRACTION = 0.05
 """Loss-curve fits leave out each run's first 5 % of tokens by default: the fall from the initial loss
 (log V) and the learning-rate warm-up, which no power law of D describes (as D -> 0 it diverges)."""
 
 FLAGS = {
     "few_points": f"fewer than {POINTS_PER_PARAMETER} fitted points per parameter",
-    "low_r2": "R^2 on the fitted points below min_r2 (default 0.9): the form does not describe the data",
+    "low_r2": "R^2 on the fitted points below min_r2 (default 0.9): the form does not describe the data "
+              "(fits without standard errors)",
+    "misfit": "fits with standard errors: the residuals are larger than the noise explains (chi-square "
+              "p-value below MISFIT_P, 0.001)",
+    "low_signal": "fits with standard errors: the fitted curve drops by less than MIN_SIGNAL_TO_NOISE (5) "
+                  "standard errors over its range, so the points are mostly noise",
     "at_bound:<p>": "parameter p ended on a bound of its allowed range (E, A, B >= 0; exponents in "
                     "EXPONENT_RANGE): the data wanted a value the law does not allow",
     "uncertain:<p>": "standard error of p larger than |p| (or not computable): p is not determined",
@@ -160,8 +171,25 @@ def smooth(y, window=None):
     return require("scipy.ndimage", "smooth").median_filter(y, size=window, mode="reflect")
 
 
-def log_bins(x, y, n_bins=32):
-    """Means of y over log-spaced bins of x (> 0): (x_geometric_mean, y_mean) per non-empty bin.
+def noise_level(y):
+    """The standard deviation of a curve's point-to-point noise, read from the curve itself.
+
+    For y_i = f(x_i) + e_i with independent e_i of one standard deviation s and a smooth f, the second
+    differences d_i = y_i - 2 y_(i+1) + y_(i+2) are e's alone (f's curvature aside) with variance 6 s^2;
+    s = 1.4826 * MAD(d) / sqrt(6), the median absolute deviation being robust to the few points where
+    f bends (a per-position loss's first tokens). Noise correlated between neighbours makes it low
+    (stricter fits). NaN for fewer than 5 points.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if y.size < 5:
+        return float("nan")
+    d = np.diff(y, 2)
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(6))
+
+
+def log_bins(x, y, n_bins=32, *, counts=False):
+    """Means of y over log-spaced bins of x (> 0): (x_geometric_mean, y_mean) per non-empty bin
+    (and the number of points in each with `counts`).
 
     A per-position loss curve has its signal in the first tokens and mostly noise over the many late
     ones; averaging in log-spaced bins gives every octave of T the same weight in a fit, and keeps
@@ -173,7 +201,8 @@ def log_bins(x, y, n_bins=32):
     count = np.bincount(idx, minlength=n_bins)
     keep = count > 0
     gx = np.exp(np.bincount(idx, np.log(x), minlength=n_bins)[keep] / count[keep])
-    return gx, np.bincount(idx, y, minlength=n_bins)[keep] / count[keep]
+    gy = np.bincount(idx, y, minlength=n_bins)[keep] / count[keep]
+    return (gx, gy, count[keep]) if counts else (gx, gy)
 
 
 # Power law --------------------------------------------------------------------------------------------
@@ -184,6 +213,8 @@ class PowerLawFit:
 
     n: points fitted; x_range: (min, max) of their x; cov: 3 x 3 covariance of (a, b, c);
     flags: codes from `FLAGS` (empty when the fit is fine); `ok` is `not flags`.
+    With per-point standard errors (`fit_power_law(sigma=...)`): chi2 = sum(r_i^2 / s_i^2), p_value of
+    it under noise alone, snr = the fitted drop over the x range / the median s_i; else NaN.
     """
 
     a: float
@@ -198,6 +229,9 @@ class PowerLawFit:
     x_range: tuple = (math.nan, math.nan)
     flags: tuple = ()
     cov: tuple = ()
+    chi2: float = math.nan
+    p_value: float = math.nan
+    snr: float = math.nan
 
     def __call__(self, x):
         return self.a + self.b * np.asarray(x, dtype=np.float64) ** -self.c
@@ -241,12 +275,13 @@ class PowerLawFit:
         return self.formula()
 
     def to_dict(self):
-        return {k: getattr(self, k) for k in ("a", "b", "c", "a_err", "b_err", "c_err", "r2", "var", "n")} | {
+        keys = ("a", "b", "c", "a_err", "b_err", "c_err", "r2", "var", "n", "chi2", "p_value", "snr")
+        return {k: getattr(self, k) for k in keys} | {
             "x_range": list(self.x_range), "ok": self.ok, "flags": list(self.flags),
             "cov": [list(r) for r in self.cov], "formula": self.formula()}
 
 
-def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, min_r2=MIN_R2):
+def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, min_r2=MIN_R2, sigma=None):
     """Fit `y = a + b * x**-c` by bounded nonlinear least squares, with its quality.
 
     Start: for each c on a log grid inside `c_bounds` the model is linear in (a, b), so (a, b) come
@@ -263,10 +298,16 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
         var: the variable name used by `PowerLawFit.formula`.
         c_bounds: (lo, hi) with 0 <= lo < hi, the allowed exponent range.
         nonnegative: bound a and b to >= 0 (False: free signs).
-        min_r2: below this R^2 the fit is flagged `low_r2`.
+        min_r2: below this R^2 the fit is flagged `low_r2` (fits without `sigma`).
+        sigma: None, or (n,) standard errors of the points (> 0). The fit is then weighted (residuals
+            r_i / s_i) and judged against the noise instead of by R^2 (which says nothing on data whose
+            noise dominates): `misfit` when chi2 = sum(r_i^2 / s_i^2) has a p-value below `MISFIT_P`
+            (chi-square with n - 3 degrees of freedom), `low_signal` when the fitted curve drops by less
+            than `MIN_SIGNAL_TO_NOISE` median standard errors over the x range. The standard errors of
+            (a, b, c) are scaled by chi2 / (n - 3), as without sigma.
 
     Returns:
-        PowerLawFit(a, b, c, a_err, b_err, c_err, r2, var, n, x_range, flags, cov).
+        PowerLawFit(a, b, c, a_err, b_err, c_err, r2, var, n, x_range, flags, cov, chi2, p_value, snr).
     """
     from .._extras import require
 
@@ -275,6 +316,13 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
     check_spread(x, "x")
     lo, hi = check_exponent_range("c_bounds", c_bounds)
     min_r2 = check_min_r2(min_r2)
+    if sigma is None:
+        w = np.ones_like(y)
+    else:
+        w = np.asarray(sigma, dtype=np.float64)
+        if w.shape != y.shape or not (np.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"sigma: expected {y.size} finite standard errors > 0, got shape {w.shape}")
+        w = 1.0 / w
     floor = 0.0 if nonnegative else -np.inf
     # Work on u = x / x_max so that u**-c stays O(1) whatever the units, and on v = y / max|y| so that
     # squared residuals cannot overflow (y ~ 1e300) or vanish (y ~ 1e-300); a, b are rescaled at the end.
@@ -282,25 +330,30 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
     u = x / scale
     y_scale = float(np.abs(y).max()) or 1.0
     y = y / y_scale
+    if sigma is not None:  # 1 / sigma in the units of y / y_scale: the weighted residuals (chi2) unchanged
+        w = w * y_scale
 
     def design(c):
         return np.stack([np.ones_like(u), u ** -c], axis=1)
 
     def linear(c):
-        return opt.lsq_linear(design(c), y, bounds=([floor, floor], [np.inf, np.inf]))
+        """(a, b) >= floor minimising the weighted squares at this c, and that sum (NNLS or plain lstsq)."""
+        m, t = design(c) * w[:, None], y * w
+        ab = opt.nnls(m, t)[0] if nonnegative else np.linalg.lstsq(m, t, rcond=None)[0]
+        return ab, float(np.sum((m @ ab - t) ** 2))
 
     grid = np.geomspace(max(lo, 1e-3 * hi), hi, 48)
-    c0 = min(grid, key=lambda c: linear(c).cost)
-    a0, b0 = linear(c0).x
+    c0 = min(grid, key=lambda c: linear(c)[1])
+    a0, b0 = linear(c0)[0]
 
     def jac(p):
         v = u ** -p[2]
-        return np.stack([np.ones_like(u), v, -p[1] * v * np.log(u)], axis=1)
+        return np.stack([np.ones_like(u), v, -p[1] * v * np.log(u)], axis=1) * w[:, None]
 
-    sol = opt.least_squares(lambda p: design(p[2]) @ p[:2] - y, x0=[a0, b0, c0], jac=jac, method="trf",
+    sol = opt.least_squares(lambda p: (design(p[2]) @ p[:2] - y) * w, x0=[a0, b0, c0], jac=jac, method="trf",
                             bounds=([floor, floor, lo], [np.inf, np.inf, hi]), x_scale="jac")
     a, b_u, c = sol.x
-    ssr = float(np.sum(sol.fun ** 2))
+    ssr = float(np.sum(sol.fun ** 2))  # chi2 with sigma, the plain sum of squares without
     dof = x.size - 3
     # u**-c = x**-c * scale**c, so in the units of x and y: a = a_v * y_scale, b = b_u * k * y_scale with
     # k = scale**c. The covariance follows by the delta method, cov = D G cov_u G^T D with G the Jacobian
@@ -313,14 +366,23 @@ def fit_power_law(x, y, *, var="T", c_bounds=EXPONENT_RANGE, nonnegative=True, m
         cov_v = g @ np.linalg.pinv(sol.jac.T @ sol.jac) @ g.T * (ssr / dof if dof > 0 else np.nan)
         cov = cov_v * np.outer(d, d)
     err = np.sqrt(np.abs(np.diag(cov_v))) * d
-    sst = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - ssr / sst if sst > 0 else float("nan")
     values = (float(a * y_scale), float(b_u * k * y_scale), float(c))
-    flags = quality_flags("abc", values, err, sol.active_mask != 0, r2, x.size, min_r2)
+    resid = design(c) @ np.array([a, b_u]) - y  # (unweighted, in units of y / y_scale, as sst)
+    sst = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid ** 2)) / sst if sst > 0 else float("nan")
+    chi2 = p_value = snr = math.nan
+    if sigma is not None:  # judged against the noise: misfit / low_signal replace low_r2
+        chi2 = ssr
+        p_value = float(require("scipy.stats", "fit_power_law").chi2.sf(chi2, dof)) if dof > 0 else math.nan
+        snr = float(abs(b_u) * abs(u.min() ** -c - 1.0) / np.median(1.0 / w))
+    flags = quality_flags("abc", values, err, sol.active_mask != 0, r2, x.size, min_r2 if sigma is None else -math.inf)
+    if sigma is not None:
+        noise = ["misfit"] * (p_value < MISFIT_P) + ["low_signal"] * (not snr >= MIN_SIGNAL_TO_NOISE)
+        flags[1 if flags[:1] == ["few_points"] else 0:0] = noise
     if sol.status <= 0:
         flags.append("not_converged")
     return PowerLawFit(*values, *map(float, err), float(r2), var, int(x.size), (float(x.min()), float(scale)),
-                       tuple(flags), tuple(tuple(map(float, r)) for r in cov))
+                       tuple(flags), tuple(tuple(map(float, r)) for r in cov), chi2, p_value, snr)
 
 
 # One curve predicted from its early part --------------------------------------------------------------

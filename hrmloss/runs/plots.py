@@ -1,9 +1,10 @@
 """The charts for reading runs, drawn with matplotlib (imported when a function is called) to PNG and SVG.
 
 (a) `plot_hrm_sweep`: KL and CE against iterations per hrm; (b) `plot_position_loss`: per-token test
-loss against token index with a power law per step; (c) `plot_test_loss`: test loss against step, one
-panel per phase; (d) `plot_grid`: Real and Pred (one scaling law across the grid) per run, rows by
-group, columns by N; and `plot_pred_vs_real`: one curve prediction per run.
+loss against token index with a power law per step; (c) `plot_test_loss`: per-token-index test loss
+against step (one line per token index) beside the test loss per run; (d) `plot_grid`: Real and Pred
+(one scaling law across the grid) per run, rows by group, columns by N; `plot_pred_vs_real`: one
+curve prediction per run; `plot_pareto`: final CE against final KL across hrm values.
 
 One style for all (`STYLE`, and the line styles below): raw per-step values are faint thin lines,
 the rolling median (`fits.smooth`) over them is bold; fits and predictions are dashed; a fit that
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fits import CurvePrediction, fit_power_law, host_curve, log_bins, predict_curve, smooth, smooth_window
+from .fits import (CurvePrediction, fit_power_law, host_curve, log_bins, noise_level, predict_curve, smooth,
+                   smooth_window)
 
 STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 8,
          "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -85,6 +87,16 @@ def _token_unit(max_tokens):
     return 1.0, "Tokens trained"
 
 
+def _log_x(ax):
+    """A log x axis labelled 1, 2, 5, 10, 20, ... (plain numbers, no crowded minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _series(name, x, y, positive_y=False):
     """A validated (x, y) curve; for a log y axis, only its points with y > 0 (KL is 0 at step 1)."""
     x, y = host_curve(x, y, 1)
@@ -98,6 +110,9 @@ def _series(name, x, y, positive_y=False):
 def _raw_and_smooth(ax, x, y, color, window, label=None):
     """The raw values faint, their rolling median (`smooth`) bold; labelled "<label>: raw" / ": median"."""
     w = smooth_window(y.size, window)
+    if w <= 1:  # few points (e.g. held-out evaluations): no median to draw, one bold line
+        ax.plot(x, y, color=color, label=label, **BOLD)
+        return
     ax.plot(x, y, color=color, label=label and f"{label}: raw, per step", **RAW)
     ax.plot(x, smooth(y, w), color=color, label=label and f"{label}: rolling median ({w} points)", **BOLD)
 
@@ -149,18 +164,62 @@ def plot_hrm_sweep(runs, path, *, window=None, formats=FORMATS):
     return written
 
 
+def _position_sigma(y):
+    """The noise of one per-position curve (`fits.noise_level`), or None when it cannot be read."""
+    s = noise_level(y[np.isfinite(y)])
+    return s if np.isfinite(s) and s > 0 else None
+
+
 def position_fits(steps, curves, positions=None, n_bins=32):
     """`fit_power_law` of each per-position curve, on its log-spaced bins (`fits.log_bins`).
 
-    Returns a list (one per curve) of PowerLawFit, or None where fewer than 3 positions are finite.
+    Judged against the curve's own noise: s = `fits.noise_level` of the curve (per position), a bin of
+    k positions has standard error s / sqrt(k) (see `fit_power_law(sigma=...)`); with fewer than 5
+    positions, by R^2. Returns a list (one per curve) of PowerLawFit, or None where fewer than 3
+    positions are finite.
     """
     curves = np.asarray(curves, dtype=np.float64)
     positions = np.arange(1, curves.shape[1] + 1) if positions is None else np.asarray(positions, np.float64)
     fits = []
     for y in curves:
         ok = np.isfinite(y)
-        fits.append(fit_power_law(*log_bins(positions[ok], y[ok], n_bins), var="T") if ok.sum() >= 3 else None)
+        if ok.sum() < 3:
+            fits.append(None)
+            continue
+        bx, by, count = log_bins(positions[ok], y[ok], n_bins, counts=True)
+        s = _position_sigma(y)
+        fits.append(fit_power_law(bx, by, var="T", sigma=None if s is None else s / np.sqrt(count)))
     return fits
+
+
+def token_indices(n_positions, n=10):
+    """About n log-spaced token indices in 1..n_positions (distinct integers, both ends included)."""
+    return np.unique(np.round(np.geomspace(1, n_positions, n)).astype(int))
+
+
+def token_index_fits(steps, curves, indices=None):
+    """Per token index t: its loss against step, `fit_power_law` L(step) = a + b * step^-c.
+
+    Each point's standard error is the noise of the per-position curve it comes from (`fits.noise_level`
+    of that step's curve), so the fit is judged against it (misfit / low_signal, see `fit_power_law`).
+    Args: steps (k,), curves (k, T) per-position losses (NaN rows or entries skipped), indices (1-based;
+    default `token_indices(T)`). Returns {t: (steps (m,), losses (m,), PowerLawFit or None)}.
+    """
+    steps = np.asarray(steps, dtype=np.float64)
+    curves = np.asarray(curves, dtype=np.float64)
+    indices = token_indices(curves.shape[1]) if indices is None else np.asarray(indices, int)
+    sigma = np.array([_position_sigma(y) or np.nan for y in curves])
+    out = {}
+    for t in indices:
+        y = curves[:, t - 1]
+        ok = np.isfinite(y) & np.isfinite(steps) & (steps > 0)
+        fit = None
+        if ok.sum() >= 3:
+            known = ok & np.isfinite(sigma)
+            fit = fit_power_law(steps[ok], y[ok], var="step",
+                                sigma=sigma[ok] if known.sum() == ok.sum() else None)
+        out[int(t)] = (steps[ok], y[ok], fit)
+    return out
 
 
 def plot_position_loss(panels, path, *, formats=FORMATS):
@@ -175,9 +234,6 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
             optional "positions": (T,) token indices (default 1..T), optional "fits": the curves'
             `position_fits` when already made}}, one panel each.
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import LogNorm
-
     if not panels:
         raise ValueError("panels: expected at least one {title: {'step', 'loss'}}")
     checked = {}
@@ -198,6 +254,9 @@ def plot_position_loss(panels, path, *, formats=FORMATS):
     nrows = -(-len(checked) // ncols)
     written = []
     with _chart(path, nrows, ncols, 5.6, 3.9, formats, written) as (fig, axes):
+        from matplotlib.cm import ScalarMappable  # after _chart's check that matplotlib is installed
+        from matplotlib.colors import LogNorm
+
         for ax, (title, (steps, curves, pos, fits)) in zip(axes.flat, checked.items()):
             sm = ScalarMappable(norm=LogNorm(steps.min(), max(steps.max(), steps.min() * 1.01)), cmap="viridis")
             weak = {}  # flags -> the steps whose fit has them: one legend entry each
@@ -238,30 +297,86 @@ def _fit_legend(ax):
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=6.5)
 
 
-def plot_test_loss(panels, path, *, ylabel="Test loss", formats=FORMATS):
-    """(c) Test loss against step (log x), one panel per phase, one curve per run.
+def plot_test_loss(panels, path, *, token_panels=None, ylabel="Test loss", formats=FORMATS):
+    """(c) Per-token-index test loss against step, one panel per run, beside the test loss of each run.
 
-    Runs of different phases (a reference's pre-training and the fine-tuning runs from it) never
-    share a step axis: their step 1 is not the same moment.
-
-    Args:
-        panels: {phase title: {run name: (steps (n,) > 0, losses (n,))}}.
+    token_panels: {run: {"step": (k,), "loss": (k, T) per-position losses, optional "fits": the run's
+    `token_index_fits`}}: one line per token index (`token_indices`, colour bar: token index), loss
+    against step (log x), and its fit a + b * step^-c dashed in the same colour (grey: not ok).
+    panels: {phase title: {run name: (steps (n,) > 0, losses (n,))}}: test loss against step (log x),
+    one panel per phase, one curve per run. Runs of different phases (a reference's pre-training and
+    the fine-tuning runs from it) never share a step axis: their step 1 is not the same moment.
     """
     if not panels or not all(panels.values()):
         raise ValueError("panels: expected {phase: {run: (steps, losses)}} with at least one run each")
+    tokens = {}
+    for name, p in (token_panels or {}).items():
+        steps, curves = np.asarray(p["step"], float), np.asarray(p["loss"], float)
+        if steps.ndim != 1 or curves.ndim != 2 or curves.shape[0] != steps.size:
+            raise ValueError(f"token_panels[{name!r}]: step.shape={steps.shape}, loss.shape={curves.shape}: "
+                             "expected (k,) and (k, T)")
+        tokens[name] = p.get("fits") or token_index_fits(steps, curves)
+    n = len(tokens) + len(panels)
+    ncols = min(3, n)
     written = []
-    with _chart(path, 1, len(panels), 4.6, 3.4, formats, written) as (fig, axes):
+    with _chart(path, -(-n // ncols), ncols, 4.4, 3.4, formats, written) as (fig, axes):
+        from matplotlib.cm import ScalarMappable  # after _chart's check that matplotlib is installed
+        from matplotlib.colors import LogNorm
+
+        flat = list(axes.flat)
+        for ax, (name, lines) in zip(flat, tokens.items()):
+            sm = ScalarMappable(norm=LogNorm(1, max(2, max(lines))), cmap="plasma")
+            n_ok = 0
+            for t, (x, y, f) in lines.items():
+                ax.plot(x, y, "o-", color=sm.to_rgba(t), ms=2.5, lw=1.0)
+                if f is not None:
+                    xs = np.geomspace(x.min(), x.max(), 64)
+                    ax.plot(xs, f(xs), **(dict(FIT, color=sm.to_rgba(t), lw=1.0) if f.ok else dict(WEAK, lw=0.9)))
+                    n_ok += f.ok
+            _log_x(ax)
+            ax.set_xlabel("Step (log scale)")
+            ax.set_ylabel("Test loss at token index T")
+            ax.set_title(f"{name}: loss per token index\n{n_ok} of {len(lines)} fits a + b * step^-c ok", fontsize=8)
+            fig.colorbar(sm, ax=ax, label="Token index T")
         i = 0
-        for ax, (phase, runs) in zip(axes[0], panels.items()):
+        for ax, (phase, runs) in zip(flat[len(tokens):], panels.items()):
             for name, (x, y) in runs.items():
                 x, y = _series(f"panels[{phase!r}][{name!r}]", x, y)
                 ax.plot(x, y, "o-", color=f"C{i}", ms=3, lw=1.4, label=str(name))
                 i += 1
-            ax.set_xscale("log")
+            _log_x(ax)
             ax.set_xlabel("Step (log scale)")
+            ax.set_ylabel(ylabel)
             ax.set_title(str(phase))
             ax.legend()
-        axes[0, 0].set_ylabel(ylabel)
+        for ax in flat[n:]:
+            ax.set_visible(False)
+    return written
+
+
+def plot_pareto(points, path, *, formats=FORMATS):
+    """The trade-off hrm controls: final test CE against final KL to the reference, one point per hrm.
+
+    Args:
+        points: {hrm (number): (kl, ce)}; the points are joined in the order of hrm and labelled with it.
+    """
+    items = sorted((float(h), float(kl), float(ce)) for h, (kl, ce) in points.items())
+    if not items or not all(np.isfinite(v).all() for v in np.array(items)):
+        raise ValueError(f"points={points!r}: expected at least one {{hrm: (kl, ce)}} of finite numbers")
+    h, kl, ce = map(np.array, zip(*items))
+    log_x = (kl > 0).all() and kl.max() > 10 * kl.min()
+    written = []
+    with _chart(path, 1, 1, 4.6, 3.4, formats, written) as (fig, axes):
+        ax = axes[0, 0]
+        ax.plot(kl, ce, "o-", color=REAL, ms=5, lw=1.2)
+        for hi, x, y in zip(h, kl, ce):
+            ax.annotate(f"hrm = {hi:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7.5)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel("Final KL to the reference" + (" (log scale)" if log_x else ""))
+        ax.set_ylabel("Final test CE (causal-LM loss)")
+        ax.set_title("What hrm trades: fitting the new data (CE) against staying close (KL)")
+        ax.margins(x=0.25, y=0.15)
     return written
 
 
@@ -284,7 +399,8 @@ def _pred_panel(ax, x, y, pred, lo, hi, fit_range, ok, reason, window, unit):
     ax.set_ylim(lo_y - pad, min(hi_y, sy.max()) + pad)
 
 
-def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, xlabel=None, formats=FORMATS):
+def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, xlabel=None, ylabel="Total training loss",
+                      formats=FORMATS):
     """"Real" total loss against tokens trained and "Pred", one curve prediction per run.
 
     Pred is `predict_curve` (L(D) = E + B * D^-beta on 5 % to fit_fraction of max D, shaded), drawn over
@@ -294,6 +410,7 @@ def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, xlabel=None,
         runs: {name: (tokens (n,), losses (n,))}, tokens > 0; or {name: CurvePrediction} already made.
         xlabel: None (x is tokens trained, scaled to thousands, millions...), or the label of an x drawn
             as it is (e.g. "Step", for runs whose tokens are unknown).
+        ylabel: the loss axis's label (e.g. "Held-out loss" for a Pred on the held-out loss).
     """
     if not runs:
         raise ValueError("runs: expected at least one run")
@@ -308,7 +425,7 @@ def plot_pred_vs_real(runs, path, *, fit_fraction=0.4, window=None, xlabel=None,
                         w, unit)
             ax.set_title(f"{name}\n{p.fit.formula() if p.ok else 'no reliable fit'}", fontsize=8)
             ax.set_xlabel(xlabel)
-        axes[0, 0].set_ylabel("Total training loss")
+        axes[0, 0].set_ylabel(ylabel)
         axes[0, 0].legend(loc="upper right")
         for ax in axes[0, 1:]:
             _weak_legend(ax)

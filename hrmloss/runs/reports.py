@@ -18,6 +18,9 @@ from .fits import FLAGS, predict_curve
 from .scaling import fit_scaling_law
 
 _WEAK = "  (not ok: {}: too weak to read)"
+MIN_HELD_OUT_POINTS = 20
+"""Pred is fitted on a run's held-out loss (eval_loss) when it has at least this many points, else on its
+training loss: 20 log-spaced evaluations leave the fit window (5 % to 40 % of the run) about a dozen."""
 
 
 def _flag_text(obj):
@@ -56,13 +59,13 @@ def _increasing(x, steps):
     return f"step {steps[i]:g}: {x[i]:g} after {x[i - 1]:g} at step {steps[i - 1]:g}"
 
 
-def _run_tokens(r, notes):
-    """Tokens trained at each logged loss (step > 0), or None when unknown or not increasing with step
-    (e.g. a counter reset on resume), said in `notes`."""
+def _run_tokens(r, notes, key="loss"):
+    """Tokens trained at each logged point of `key` (step > 0), or None when unknown or not increasing with
+    step (e.g. a counter reset on resume), said in `notes`."""
     if not r.has_tokens():
         return None
-    steps = r.series["loss"][0]
-    tokens = r.tokens("loss")[steps > 0]
+    steps = r.series[key][0]
+    tokens = r.tokens(key)[steps > 0]
     where = _increasing(tokens, steps[steps > 0])
     if where is not None:
         notes.append(f"{r.name} ({r.source}): tokens do not increase with step ({where}): Pred against steps")
@@ -96,19 +99,35 @@ def _position_notes(name, positions, fits):
     return notes
 
 
-def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
-    """Charts (a), (b), (c) and pred_vs_real from `runs` (a list of `runlogs.Run`) into the folder `out`.
+def _positions(r):
+    """A run's per-position curves without the rows that hold no value (steps evaluated for the mean only)."""
+    keep = np.isfinite(r.positions["loss"]).any(axis=1)
+    return {k: (v[keep] if k in ("step", "loss") else v) for k, v in r.positions.items()}
+
+
+def _finals(r):
+    """(kl, ce) at the end of a run: medians of the training values over its last 5 % of steps."""
+    return tuple(float(np.median(r.series[k][1][-max(1, r.series[k][1].size // 20):])) for k in ("kl", "ce"))
+
+
+def report(runs, out, *, fit_fraction=0.4, finals=None, formats=plots.FORMATS):
+    """Charts (a), (b), (c), pred_vs_real and pareto from `runs` (a list of `runlogs.Run`) into the folder `out`.
 
     (a) needs runs that log both "kl" (not all 0: a reference trained alone logs kl = 0) and "ce" (a
     column per run, titled by its hrm or name);
-    (b) runs with per-position losses (positions without data left out, and said); (c) runs with an
-    eval loss, every eval set a curve (a panel per phase); pred_vs_real runs with "loss" and known
-    tokens (`predict_curve` on the first `fit_fraction` of the tokens), pred_vs_real_steps the same
-    against steps for runs whose tokens are unknown, and training_loss the training loss of the runs
-    that get no Pred (too few points, or a fit that could not be made), with the reason.
-    Writes report.json (every fit with ok / flags, what was drawn, the notes) and report.txt: the fits,
-    which are too weak to read (or that every fit passed, or that nothing was fitted), the charts drawn,
-    and the notes (what the readers did, what was skipped and why).
+    (b) runs with per-position losses (positions without data left out, and said); (c) those runs'
+    per-token-index losses against step, beside the test loss of runs with an eval loss, every eval set a
+    curve (a panel per phase); pred_vs_real: runs with known tokens, fitted (`predict_curve` on 5 % to
+    `fit_fraction`) on "eval_loss" where it has `MIN_HELD_OUT_POINTS` or more steps, else on "loss";
+    pred_vs_real_steps the same against steps for runs whose tokens are unknown, and training_loss the
+    training loss of the runs that get no Pred (too few points, or a fit that could not be made), with
+    the reason; pareto: final CE against final KL of the runs with an hrm and kl, ce (`finals`: {run
+    name: (kl, ce)} measured on held-out data, else the medians of the training values over each run's
+    last 5 % of steps).
+    Writes report.json (every fit with ok / flags; "per_token_index": for each run, token index ->
+    steps, losses, fit of loss against step with ok and flags; what was drawn, the notes) and
+    report.txt: the fits, which are too weak to read (or that every fit passed, or that nothing was
+    fitted), the charts drawn, and the notes (what the readers did, what was skipped and why).
     Returns (paths, text).
     """
     if not runs:
@@ -117,7 +136,8 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     out.mkdir(parents=True, exist_ok=True)
     paths, lines, notes, drawn = [], [], [note for r in runs for note in r.notes], []
     runs = _distinct_names(runs, notes)
-    doc = {"runs": [r.name for r in runs], "position_fits": {}, "predictions": {}, "flags": FLAGS}
+    doc = {"runs": [r.name for r in runs], "position_fits": {}, "per_token_index": {}, "predictions": {},
+           "pareto": {}, "flags": FLAGS}
 
     def draw(chart, written, what):
         paths.extend(written)
@@ -137,22 +157,42 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     else:
         notes.append("(a) hrm_sweep skipped: no run logs both kl and ce")
 
-    panels = {}
+    panels, by_name, tokens = {}, {r.name: r for r in runs}, {}
     for r in runs:
         if r.positions is not None:
-            steps, curves = _positive_steps(f"(b) {r.name}", r.positions["step"], r.positions["loss"], notes)
+            p = _positions(r)
+            steps, curves = _positive_steps(f"(b) {r.name}", p["step"], p["loss"], notes)
             if steps.size:
                 panels[r.name] = {"step": steps, "loss": curves, "fits": plots.position_fits(steps, curves)}
     if panels:
         draw("(b) position_loss", plots.plot_position_loss(panels, out / "position_loss", formats=formats),
              _count(len(panels), "run"))
-        lines.append("per-position test loss, L(T) = a + b * T^-c fitted on log-spaced bins of T:")
+        lines.append("per-position test loss, L(T) = a + b * T^-c fitted on log-spaced bins of T, judged against "
+                     "the curve's noise (chi-square p, drop / standard error):")
         for name, p in panels.items():
             notes += _position_notes(name, p, p["fits"])
             doc["position_fits"][name] = {f"{s:g}": f.to_dict() for s, f in zip(p["step"], p["fits"]) if f}
             lines.append(f"  {name}:")
-            lines += [f"    step {s:>6g}: {f.formula()}, R^2 {f.r2:.2f}{_flag_text(f)}"
+            lines += [f"    step {s:>6g}: {f.formula()}, R^2 {f.r2:.2f}{_noise_text(f)}{_flag_text(f)}"
                       for s, f in zip(p["step"], p["fits"]) if f]
+            lines.append("    " + _late_share(by_name[name], p))
+            tokens[name] = {"step": p["step"], "loss": p["loss"], "fits": plots.token_index_fits(p["step"], p["loss"])}
+            doc["per_token_index"][name] = {
+                str(t): {"steps": x.tolist(), "losses": y.tolist(), "fit": f.to_dict() if f else None,
+                         "ok": bool(f and f.ok), "flags": list(f.flags) if f else ["few_points"]}
+                for t, (x, y, f) in tokens[name]["fits"].items()}
+        lines.append("per-token-index test loss against step, L(step) = a + b * step^-c per token index T:")
+        for name, lines_t in tokens.items():
+            if not lines_t["fits"]:
+                lines.append(f"  {name}: no token index with data")
+                continue
+            n_ok = sum(bool(f and f.ok) for *_, f in lines_t["fits"].values())
+            bad = [f"T={t} ({', '.join(f.flags) if f else 'too few steps'})"
+                   for t, (*_, f) in lines_t["fits"].items() if not (f and f.ok)]
+            last_t, (*_, last) = list(lines_t["fits"].items())[-1]
+            lines.append(f"  {name}: {n_ok} of {len(lines_t['fits'])} ok"
+                         + (f"; T={last_t}: {last.formula('step')}" if last and last.ok else "")
+                         + (f"; not ok: {'; '.join(bad)}" if bad else ""))
     else:
         notes.append("(b) position_loss skipped: these logs hold no per-position losses (records with a "
                      "position_loss list, see hrmloss.runs.logs)")
@@ -165,37 +205,44 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
             if steps.size:
                 phases.setdefault(r.meta.get("phase", "training"), {})[label] = (steps, values)
     if phases:
-        draw("(c) test_loss", plots.plot_test_loss(phases, out / "test_loss", formats=formats),
+        draw("(c) test_loss", plots.plot_test_loss(phases, out / "test_loss", token_panels=tokens, formats=formats),
              _count(sum(map(len, phases.values())), "curve"))
     elif any(k.split(":")[0] == "eval_loss" for r in runs for k in r.series):
         notes.append("(c) test_loss skipped: the eval losses are all at step 0")
     else:
         notes.append("(c) test_loss skipped: no run logs an eval / test loss (eval_loss, eval_<set>_loss, ...)")
 
-    preds, by_step, unpredicted = {}, {}, {}
+    preds, by_step, unpredicted, used = {}, {}, {}, {}
     for r in runs:
-        if "loss" not in r.series:
+        key = "eval_loss" if "eval_loss" in r.series and r.series["eval_loss"][0].size >= MIN_HELD_OUT_POINTS \
+            else "loss"
+        if key not in r.series:
             continue
-        steps, losses = _positive_steps(f"{r.name} training loss", *r.series["loss"], notes)
-        tokens = _run_tokens(r, notes)
+        steps, losses = _positive_steps(f"{r.name} {'held-out' if key == 'eval_loss' else 'training'} loss",
+                                        *r.series[key], notes)
+        tokens_r = _run_tokens(r, notes, key)
         reason = None
         if steps.size < MIN_PRED_POINTS:
             reason = f"{steps.size} logged points, a Pred needs at least {MIN_PRED_POINTS}"
         else:
             try:
-                (by_step if tokens is None else preds)[r.name] = predict_curve(
-                    steps if tokens is None else tokens, losses, fit_fraction)
+                (by_step if tokens_r is None else preds)[r.name] = predict_curve(
+                    steps if tokens_r is None else tokens_r, losses, fit_fraction)
+                used[r.name] = key
             except ValueError as e:
                 reason = str(e)
         if reason is not None:
-            drawn_in = ": its training loss is drawn in training_loss" if steps.size else ""
+            drawn_in = ": its training loss is drawn in training_loss" if steps.size and key == "loss" else ""
             notes.append(f"pred_vs_real: no Pred for {r.name!r} ({reason}){drawn_in}")
-            if steps.size:
+            if steps.size and key == "loss":
                 unpredicted.setdefault(r.meta.get("phase", "training"), {})[r.name] = (steps, losses)
+    kinds = set(used.values())
+    ylabel = ({"eval_loss": "Test loss (held-out)", "loss": "Total training loss"}[next(iter(kinds))]
+              if len(kinds) == 1 else "Test or training loss (report.txt)")
     steps_why = ", against steps: no usable token counts (give --tokens-per-step)"
     for chart, group, xlabel in (("pred_vs_real", preds, None), ("pred_vs_real_steps", by_step, "Step")):
         if group:
-            draw(chart, plots.plot_pred_vs_real(group, out / chart, xlabel=xlabel, formats=formats),
+            draw(chart, plots.plot_pred_vs_real(group, out / chart, xlabel=xlabel, ylabel=ylabel, formats=formats),
                  _count(len(group), "run") + (steps_why if xlabel else ""))
     if unpredicted:
         draw("training_loss", plots.plot_test_loss(unpredicted, out / "training_loss", ylabel="Training loss",
@@ -206,11 +253,30 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
         for name, p in (preds | by_step).items():
             d = p.to_dict()
             doc["predictions"][name] = {k: d[k] for k in ("fit", "ok", "flags", "mae", "final_rel_err", "extrapolation")}
-            doc["predictions"][name]["x"] = "tokens" if name in preds else "steps"
-            lines.append(f"  {name:>14}: {p.fit.formula()}, R^2 {p.fit.r2:.2f}, held-out mean abs error {p.mae:.3f}, "
+            doc["predictions"][name] |= {"x": "tokens" if name in preds else "steps", "series": used[name],
+                                         "points_fitted": int(p.fit_mask.sum())}
+            what = "test loss" if used[name] == "eval_loss" else "training loss"
+            lines.append(f"  {name:>14} ({what}, {int(p.fit_mask.sum())} points fitted): {p.fit.formula()}, "
+                         f"R^2 {p.fit.r2:.2f}, mean abs error after the fit {p.mae:.3f}, "
                          f"final relative error {p.final_rel_err:+.1%}{_flag_text(p)}")
     elif not any("loss" in r.series for r in runs):
         notes.append("pred_vs_real skipped: no run logs a training loss (loss, train_loss, ...)")
+
+    points = {}
+    for r in runs:
+        if "hrm" in r.meta and ((finals or {}).get(r.name) or {"kl", "ce"} <= set(r.series)):
+            points[r.name] = (r.meta["hrm"], *((finals or {}).get(r.name) or _finals(r)))
+    if len(points) >= 2:
+        draw("pareto", plots.plot_pareto({h: (kl, ce) for h, kl, ce in points.values()}, out / "pareto",
+                                         formats=formats), _count(len(points), "run"))
+        source = "held-out" if finals else "training, median of the last 5 % of steps"
+        lines.append(f"Pareto front (final CE against final KL, {source}):")
+        lines.append(f"  {'hrm':>8} {'CE':>8} {'KL':>10}")
+        for name, (h, kl, ce) in sorted(points.items(), key=lambda kv: kv[1][0]):
+            doc["pareto"][name] = {"hrm": h, "kl": kl, "ce": ce, "source": source}
+            lines.append(f"  {h:>8g} {ce:>8.3f} {kl:>10.4f}")
+    else:
+        notes.append("pareto skipped: fewer than 2 runs with an hrm and logged kl and ce")
 
     weak = [f"{name} step {s}" for name, fits in doc["position_fits"].items() for s, f in fits.items() if not f["ok"]]
     weak += [f"{name} Pred" for name, p in doc["predictions"].items() if not p["ok"]]
@@ -228,6 +294,20 @@ def report(runs, out, *, fit_fraction=0.4, formats=plots.FORMATS):
     (out / "report.txt").write_text(text)
     paths.append(out / "report.txt")
     return paths, text
+
+
+def _noise_text(f):
+    return "" if np.isnan(f.p_value) else f", chi-square p {f.p_value:.2g}, drop {f.snr:.0f} s.e."
+
+
+def _late_share(r, p):
+    """How many of a run's per-position fits after its first 5 % of steps are ok, and whether its last is."""
+    end = r.series["loss"][0].max() if "loss" in r.series else p["step"].max()
+    late = [f for s, f in zip(p["step"], p["fits"]) if f is not None and s >= 0.05 * end]
+    if not late:
+        return "no per-position fit after the first 5 % of the run"
+    return (f"after the first 5 % of the run: {sum(f.ok for f in late)} of {len(late)} fits ok, "
+            f"the last {'ok' if late[-1].ok else 'not ok'}")
 
 
 def grid_runs(runs, notes=None):
