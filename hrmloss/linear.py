@@ -51,6 +51,7 @@ import torch
 from .engine import chunked, sparse
 from .engine.frontend import LossModule, finish, prepare_linear
 from .engine.reduce import reduce_rows
+from .engine.sharding import fsdp_redirect
 
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias", "ref_topk", "token_weights")
 
@@ -177,6 +178,9 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
 
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
+    redirected = fsdp_redirect(linear_hrm_loss, locals())  # FSDP2-sharded weights: gathered by FSDP2
+    if redirected is not None:
+        return redirected
     p = prepare_linear(locals())
     out = LinearHRMLossFunction.apply(
         hidden, weight, bias, p.labels, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), p.plan,

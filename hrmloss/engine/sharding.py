@@ -1,0 +1,114 @@
+"""Sharded weights of the fused projection: FSDP2 parameters are gathered by FSDP2 itself.
+
+The rule that tells the two readings of a `Shard(0)` DTensor weight apart (both look the same: a DTensor
+whose rows are split over a 1-D mesh):
+
+- a parameter that `fully_shard` manages (found in FSDP2's registry of managed modules) is a data-parallel
+  shard: the whole weight is needed, and FSDP2 gathers it (below);
+- any other DTensor weight whose rows are `Shard(0)` over a mesh is a vocabulary shard (a `ColwiseParallel`
+  lm_head): the vocabulary-parallel mode over the mesh's group (hrmloss/engine/tensor_parallel.py).
+
+Forward redirection. `linear_hrm_loss(hidden, lm_head.weight, ...)` runs outside lm_head's forward, where
+FSDP2 holds only this rank's rows. Rather than all-gathering by hand (and re-implementing FSDP2's mixed
+precision, gradient division, accumulation without sync and reduce-scatter), the loss runs *inside* the
+forward of the FSDP2 unit that owns the weight: its `forward` is swapped for one call of the loss, so FSDP2's
+pre-forward hook all-gathers the unit's parameters in `param_dtype` (and casts `hidden` to it, as it would
+for lm_head's input), the loss reads the unsharded parameters, and the post-forward hook reshards them and
+hooks the backward, where FSDP2 reduce-scatters the weight's gradient in `reduce_dtype`, averaged over the
+data-parallel ranks, exactly as for `nn.Linear`. Per call, for a weight of V x H elements:
+
+    memory         one unsharded copy, in param_dtype, from the all-gather to the end of the forward (the
+                   fp32 gradient accumulator of the fused loss besides); FSDP2 frees it after the forward
+                   (reshard_after_forward=True) and gathers it again for the backward, like nn.Linear's
+    communication  that of nn.Linear under the same FSDP2: 1 all-gather of V H in the forward, 1 more in
+                   the backward when the unit reshards after forward, 1 reduce-scatter of the V H gradient
+
+The same redirection applies to `bias`, `ref_weight` and `ref_bias` (the reference's unit gets
+`ref_hidden`). A weight read while its unit is unsharded (e.g. the root's, after the model's forward) is a
+plain tensor and needs nothing of this.
+"""
+def _fsdp_states():
+    """(module, state) of every module that `fully_shard` manages (FSDP2's own registry, weak references)."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:  # a torch without FSDP2
+        return []
+    pairs = []
+    for module, ref in list(_module_state_mapping.items()):
+        state = ref()
+        if isinstance(state, FSDPState):
+            pairs.append((module, state))
+    return pairs
+
+
+def fsdp_unit(tensor):
+    """The FSDP2 unit (module) whose sharded parameter `tensor` is, or None for any other tensor."""
+    if not _is_dtensor(tensor):
+        return None
+    for module, state in _fsdp_states():
+        for group in state._fsdp_param_groups:
+            for param in group.fsdp_params:
+                if param.sharded_param is tensor:
+                    return module, param
+    return None
+
+
+def _is_dtensor(x):
+    if x is None:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(x, DTensor)
+
+
+PARAMETERS = ("weight", "bias", "ref_weight", "ref_bias")
+INPUT_OF = {"weight": "hidden", "bias": "hidden", "ref_weight": "ref_hidden", "ref_bias": "ref_hidden"}
+
+
+def fsdp_redirect(fn, args):
+    """Run `fn(**args)` inside the forward of the FSDP2 units owning args' parameters, or return None when
+    none of them is an FSDP2-sharded parameter. `args`: the keyword arguments of linear_hrm_loss."""
+    owned = {name: fsdp_unit(args[name]) for name in PARAMETERS}
+    owned = {name: found for name, found in owned.items() if found is not None}
+    if not owned:
+        return None
+    units = []  # (unit, the input it casts, its parameters), first the student's
+    for name, (unit, param) in owned.items():
+        entry = next((u for u in units if u[0] is unit), None)
+        if entry is None:
+            entry = (unit, INPUT_OF[name], {})
+            units.append(entry)
+        entry[2][name] = param
+    return _run_inside(units, fn, dict(args))
+
+
+def _run_inside(units, fn, args):
+    if not units:
+        return fn(**args)
+    (unit, input_name, params), rest = units[0], units[1:]
+    had_forward = "forward" in unit.__dict__
+    saved = unit.__dict__.get("forward")
+
+    def forward(x):
+        _restore(unit, had_forward, saved)
+        args[input_name] = x  # as FSDP2 cast it (param_dtype)
+        for name, param in params.items():
+            args[name] = param.unsharded_param  # what the unit holds between its hooks
+        return _run_inside(rest, fn, args)
+
+    unit.forward = forward
+    try:
+        return unit(args[input_name])
+    finally:
+        _restore(unit, had_forward, saved)
+
+
+def _restore(unit, had_forward, saved):
+    if had_forward:
+        unit.forward = saved
+    else:
+        unit.__dict__.pop("forward", None)
+
