@@ -52,6 +52,7 @@ from .engine import chunked, sparse
 from .engine.frontend import LossModule, finish, prepare_linear
 from .engine.reduce import reduce_rows
 from .engine.sharding import fsdp_redirect
+from .engine.tensor_parallel import linear_call
 
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias", "ref_topk", "token_weights")
 
@@ -178,10 +179,13 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
 
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
-    redirected = fsdp_redirect(linear_hrm_loss, locals())  # FSDP2-sharded weights: gathered by FSDP2
+    args = locals()
+    redirected = fsdp_redirect(linear_hrm_loss, args)  # FSDP2-sharded weights: gathered by FSDP2
+    if redirected is None:
+        redirected = linear_call(linear_hrm_loss, args)  # a DTensor vocabulary shard (tensor parallel)
     if redirected is not None:
         return redirected
-    p = prepare_linear(locals())
+    p = prepare_linear(args)
     out = LinearHRMLossFunction.apply(
         hidden, weight, bias, p.labels, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), p.plan,
         *(p.topk if p.topk is not None else (None, None)), p.weights)

@@ -27,6 +27,8 @@ own shard (the last shards fewer columns, at least one, when the reference's voc
 reads the merged statistics saved by the forward and needs no communication: each rank writes the
 gradient of its own shard.
 """
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -40,23 +42,34 @@ def _labels_checksum(labels):
     return (labels.long() * weights).sum()
 
 
+class ShardLayout(NamedTuple):
+    """A vocabulary split into shards of known, possibly unequal widths (a DTensor's `Shard` of V columns
+    over W ranks: widths ceil(V / W) but the last ones, hrmloss/engine/tensor_parallel.py). Passed as
+    `process_group` by the DTensor entry points; plain tensors mean equal shards."""
+
+    group: object
+    widths: tuple
+
+
 class VocabShard:
     """This rank's place in a vocabulary-parallel group, and the merges of the core statistics over it.
 
-    Built by `vocab_shard`, which checks that the ranks agree. `vocab_start` = rank * v_local is the
-    first global id of the shard, `vocab_size` = world * v_local the global vocabulary.
+    Built by `vocab_shard`, which checks that the ranks agree. `widths` are the columns of every rank's
+    shard (equal for plain tensors); `vocab_start` = sum(widths[:rank]) is the first global id of this
+    rank's shard, `vocab_size` = sum(widths) the global vocabulary.
     """
 
-    def __init__(self, group, rank, world, v_local):
-        self.group, self.rank, self.world, self.v_local = group, rank, world, v_local
+    def __init__(self, group, rank, world, widths):
+        self.group, self.rank, self.world, self.widths = group, rank, world, tuple(widths)
+        self.v_local = self.widths[rank]
 
     @property
     def vocab_start(self):
-        return self.rank * self.v_local
+        return sum(self.widths[:self.rank])
 
     @property
     def vocab_size(self):
-        return self.world * self.v_local
+        return sum(self.widths)
 
     def merge_stats(self, partial):
         """(N, PARTIAL) statistics of this shard -> (N, PARTIAL) of the whole vocabulary (2 all_reduce).
@@ -78,8 +91,18 @@ class VocabShard:
         return x
 
 
+def global_vocab(process_group, v_local):
+    """The whole vocabulary of a vocabulary-parallel call whose shard has v_local columns."""
+    if isinstance(process_group, ShardLayout):
+        return sum(process_group.widths)
+    return v_local * check_group(process_group)[1]
+
+
 def check_group(process_group):
-    """(rank, world size) of this process in `process_group`; TypeError / ValueError when it is unusable."""
+    """(rank, world size) of this process in `process_group` (or a ShardLayout's group); TypeError /
+    ValueError when it is unusable."""
+    if isinstance(process_group, ShardLayout):
+        process_group = process_group.group
     if not dist.is_available():
         raise ValueError(f"process_group={process_group!r}: this build of torch has no torch.distributed")
     if not isinstance(process_group, dist.ProcessGroup):
@@ -99,22 +122,27 @@ def vocab_shard(process_group, v_local, labels):
 
     Args:
         process_group: an initialised `torch.distributed.ProcessGroup` (e.g. `dist.group.WORLD`, the
-            tensor-parallel group, or `device_mesh.get_group(dim)`).
+            tensor-parallel group, or `device_mesh.get_group(dim)`), or a `ShardLayout` of one (DTensors).
         v_local: the vocabulary columns of this rank's logits shard.
         labels: (N,) flat int labels of this rank, global ids; must be the same on every rank.
 
-    One all_reduce (MAX of [V_l, -V_l, N, -N, c, -c]) compares V_l, the row count N and a checksum c of
+    One all_reduce (MAX of [V_l, -V_l, N, -N, c, -c]) compares V_l (V for a ShardLayout), the row count N and a checksum c of
     the labels across ranks. On CPU tensors a disagreement raises ValueError on every rank (every rank
     sees the same reduced values, so none is left waiting in a later collective); on CUDA it is a
     device-side assert, so that no host synchronisation is added.
     """
     rank, world = check_group(process_group)
+    widths, v_agreed = (v_local,) * world, v_local
+    if isinstance(process_group, ShardLayout):  # a DTensor's shards: the ranks agree on the whole vocabulary
+        process_group, widths = process_group.group, process_group.widths
+        v_agreed = sum(widths)
     n, c = labels.numel(), _labels_checksum(labels)
-    sizes = torch.tensor([v_local, -v_local, n, -n], dtype=torch.int64, device=labels.device)
+    sizes = torch.tensor([v_agreed, -v_agreed, n, -n], dtype=torch.int64, device=labels.device)
     agreed = torch.cat((sizes, torch.stack((c, -c))))
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
     same = agreed[0::2] == -agreed[1::2]                     # max == min for V_l, N and the checksum
-    what = ("the vocabulary shard width V_local = logits.shape[-1]",
+    what = ("the vocabulary shard width V_local = logits.shape[-1]" if v_agreed == v_local else
+            "the whole vocabulary V of the DTensors' shards",
             "the number of label rows, labels.numel()",
             "the labels, which must be the same on every rank (checksum sum_i (i+1) labels[i])")
     if labels.device.type == "cuda":
@@ -124,7 +152,7 @@ def vocab_shard(process_group, v_local, labels):
         for k in range(3):
             if not bool(same[k]):
                 raise ValueError(
-                    f"process_group: ranks disagree on {what[k]}: {(v_local, n, int(c))[k]} on rank "
+                    f"process_group: ranks disagree on {what[k]}: {(v_agreed, n, int(c))[k]} on rank "
                     f"{rank} of {world}, values from {-int(agreed[2 * k + 1])} to {int(agreed[2 * k])} "
                     "across the group")
-    return VocabShard(process_group, rank, world, v_local)
+    return VocabShard(process_group, rank, world, widths)

@@ -90,11 +90,10 @@ def _options(args):
 def _teacher_and_call(args, labels, device, dtypes, vocab, cut):
     """The sparse teacher, token weights and Call of either entry point, in the order of their checks."""
     group = args["process_group"]
-    world = 1
     if group is not None and args["ref_topk"] is not None:  # the ids are global: K <= the whole vocabulary
-        from .distributed import check_group
-        world = check_group(group)[1]
-    topk = checks.check_topk(args["ref_topk"], labels, vocab * world)
+        from .distributed import global_vocab
+        vocab = global_vocab(group, vocab)
+    topk = checks.check_topk(args["ref_topk"], labels, vocab)
     weights = checks.check_weights(args["token_weights"], labels)
     call = make_call(_options(args), device, dtypes, return_components=args["return_components"],
                      num_items=args["num_items"], check_finite=args["check_finite"], topk=topk is not None,

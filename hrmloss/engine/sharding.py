@@ -44,7 +44,7 @@ def _fsdp_states():
 
 def fsdp_unit(tensor):
     """The FSDP2 unit (module) whose sharded parameter `tensor` is, or None for any other tensor."""
-    if not _is_dtensor(tensor):
+    if not is_dtensor(tensor):
         return None
     for module, state in _fsdp_states():
         for group in state._fsdp_param_groups:
@@ -54,7 +54,7 @@ def fsdp_unit(tensor):
     return None
 
 
-def _is_dtensor(x):
+def is_dtensor(x):
     if x is None:
         return False
     try:
