@@ -101,15 +101,45 @@ def _teacher_and_call(args, labels, device, dtypes, vocab, cut):
     return topk, weights, call
 
 
-def _shard(group, vocab, flat):
+def _shard(group, vocab, flat, call, topk, weights):
     if group is None:
         return None
     from .distributed import vocab_shard
-    return vocab_shard(group, vocab, flat)
+    return vocab_shard(group, vocab, flat, call, topk, weights)
+
+
+def _in_group(prepare, args):
+    """prepare(args); in a vocabulary-parallel call (process_group), a rank whose arguments are rejected
+    still joins the group's first collective, with a status word naming the argument, so that every rank
+    raises (distributed.vocab_shard) instead of waiting for it."""
+    group = args["process_group"]
+    if group is None:
+        return prepare(args)
+    from .distributed import GroupError, check_group, vocab_shard
+    check_group(group)  # an unusable group raises at once: there is nothing to communicate over
+    try:
+        return prepare(args)
+    except GroupError:
+        raise
+    except (ValueError, TypeError) as error:
+        tensors = [args.get(k) for k in ("logits", "hidden", "labels")]
+        device = next((x.device for x in tensors if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        vocab_shard(group, 0, None, failure=error, device=device)
+        raise
 
 
 def prepare_logits(args):
     """Check a `hrm_loss` call (its arguments, `locals()` at its start) and prepare it."""
+    return _in_group(_prepare_logits, args)
+
+
+def prepare_linear(args):
+    """Check a `linear_hrm_loss` call (its arguments, `locals()` at its start) and prepare it, with the
+    chunk plan (chunked.make_plan)."""
+    return _in_group(_prepare_linear, args)
+
+
+def _prepare_logits(args):
     logits, labels = args["logits"], args["labels"]
     ref = checks.check_logits(logits, args["ref_logits"], labels, args["ref_vocab"],
                               topk=args["ref_topk"] is not None)
@@ -120,12 +150,10 @@ def prepare_logits(args):
     if call.st.inplace:
         checks.check_inplace(logits)
     flat = labels.reshape(-1)
-    return Prepared(call, flat, ref, topk, weights, _shard(args["process_group"], V, flat))
+    return Prepared(call, flat, ref, topk, weights, _shard(args["process_group"], V, flat, call, topk, weights))
 
 
-def prepare_linear(args):
-    """Check a `linear_hrm_loss` call (its arguments, `locals()` at its start) and prepare it, with the
-    chunk plan (chunked.make_plan)."""
+def _prepare_linear(args):
     hidden, weight, labels = args["hidden"], args["weight"], args["labels"]
     checks.check_chunking(args["chunk_size"], args["chunk_bytes"])
     mixed = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
@@ -139,7 +167,7 @@ def prepare_linear(args):
     acc_dtype = checks.check_grad_acc_dtype(args["grad_acc_dtype"], gemm_dtype)
     topk, weights, call = _teacher_and_call(args, labels, hidden.device, (gemm_dtype,), V, cut=V_ref < V)
     flat = labels.reshape(-1).contiguous()
-    shard = _shard(args["process_group"], V, flat)
+    shard = _shard(args["process_group"], V, flat, call, topk, weights)
     plan = chunked.make_plan(call, flat.shape[0], V, hidden.device, gemm_dtype, acc_dtype, shard,
                         ref_from_hidden=args["ref_hidden"] is not None, chunk_size=args["chunk_size"],
                         chunk_bytes=args["chunk_bytes"])
