@@ -25,12 +25,19 @@ CASES = {
     "uneven_topk_renorm": dict(V=13, ref="topk", topk=4, opts=dict(kl="forward", temperature=2.0)),
     "uneven_truncate_plain_ref": dict(V=13, ref="plain", ref_cut=3, opts=dict(kl="forward",
                                                                                ref_vocab="truncate")),
+    # V_ref = 6: rank 1's shard (ids 7..12) has no reference column, and adds nothing to the divergence
+    "truncate_rank_without_reference": dict(V=13, ref="replicate", ref_cut=7, opts=dict(
+        kl="reverse", ref_vocab="truncate", backend="torch")),
+    "triton_truncate_rank_without_reference": dict(V=13, ref="plain", ref_cut=7, opts=dict(
+        kl="jsd", ref_vocab="truncate", backend="triton")),
 }
 # linear_hrm_loss cases: weight distributed Shard(0), or a ColwiseParallel nn.Linear's parameters
 LINEAR_CASES = {
     "linear_even_ref_logits": dict(V=12, opts=dict(kl="forward", hrm=0.5), ref="logits"),
     "linear_uneven_bias_ref_weight": dict(V=13, bias=True, opts=dict(kl="jsd", reduction="sum"), ref="weight"),
     "colwise_lm_head_uneven": dict(V=11, bias=True, colwise=True, opts=dict(kl="reverse", hrm=0.3), ref="logits"),
+    "linear_truncate_rank_without_reference": dict(V=13, ref="weight", ref_cut=7, opts=dict(
+        kl="forward", ref_vocab="truncate", reduction="none")),
 }
 
 
@@ -70,6 +77,13 @@ def _logits_case(case, d, mesh):
     return tuple(x.detach() for x in out), (s.grad.full_tensor(),)
 
 
+def _linear_ref(case, d):
+    v_ref = case["V"] - case.get("ref_cut", 0)
+    if case["ref"] == "logits":
+        return dict(ref_logits=d["t"][..., :v_ref])
+    return dict(ref_hidden=d["h"] * 0.5, ref_weight=d["W_ref"][:v_ref])
+
+
 def _linear_case(case, d, mesh):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     h = d["h"].clone().requires_grad_()
@@ -84,9 +98,8 @@ def _linear_case(case, d, mesh):
     else:
         W = torch.nn.Parameter(distribute_tensor(d["W"], mesh, [Shard(0)]))
         b = torch.nn.Parameter(distribute_tensor(d["b"], mesh, [Shard(0)])) if case.get("bias") else None
-    ref = dict(ref_logits=d["t"]) if case["ref"] == "logits" else dict(ref_hidden=d["h"] * 0.5, ref_weight=d["W_ref"])
-    out = hrmloss.linear_hrm_loss(h, W, d["y"], bias=b, chunk_size=4, return_components=True, **ref,
-                                  **case["opts"])
+    out = hrmloss.linear_hrm_loss(h, W, d["y"], bias=b, chunk_size=4, return_components=True,
+                                  **_linear_ref(case, d), **case["opts"])
     out.loss.backward(d["gout"] if out.loss.dim() else None)
     assert isinstance(W.grad, DTensor) and tuple(W.grad.placements) == (Shard(0),)
     grads = (h.grad, W.grad.full_tensor()) + (() if b is None else (b.grad.full_tensor(),))
@@ -128,8 +141,8 @@ def _single(case, d):
 def _single_linear(case, d):
     h, W = d["h"].clone().requires_grad_(), d["W"].clone().requires_grad_()
     b = d["b"].clone().requires_grad_() if case.get("bias") else None
-    ref = dict(ref_logits=d["t"]) if case["ref"] == "logits" else dict(ref_hidden=d["h"] * 0.5, ref_weight=d["W_ref"])
-    out = hrmloss.linear_hrm_loss(h, W, d["y"], bias=b, chunk_size=4, return_components=True, **ref, **case["opts"])
+    out = hrmloss.linear_hrm_loss(h, W, d["y"], bias=b, chunk_size=4, return_components=True,
+                                  **_linear_ref(case, d), **case["opts"])
     out.loss.backward(d["gout"] if out.loss.dim() else None)
     return tuple(x.detach() for x in out), (h.grad, W.grad) + (() if b is None else (b.grad,))
 

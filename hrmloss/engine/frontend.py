@@ -139,10 +139,16 @@ def prepare_linear(args):
     return _in_group(_prepare_linear, args)
 
 
+def _empty_ref_allowed(args):
+    """A vocabulary shard wholly past a truncated reference's vocabulary: no reference column, and it adds
+    nothing to the divergence (its student columns are outside the first V_ref ids)."""
+    return args["process_group"] is not None and args["ref_vocab"] == "truncate"
+
+
 def _prepare_logits(args):
     logits, labels = args["logits"], args["labels"]
     ref = checks.check_logits(logits, args["ref_logits"], labels, args["ref_vocab"],
-                              topk=args["ref_topk"] is not None)
+                              topk=args["ref_topk"] is not None, empty_ref=_empty_ref_allowed(args))
     V = logits.shape[-1]
     dtypes = (logits.dtype,) + (() if ref is None else (ref.dtype,))
     topk, weights, call = _teacher_and_call(args, labels, logits.device, dtypes, V,
@@ -159,7 +165,8 @@ def _prepare_linear(args):
     mixed = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
     has_topk = args["ref_topk"] is not None
     checks.check_linear(hidden, weight, labels, args["bias"], args["ref_logits"], args["ref_hidden"],
-                        args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed)
+                        args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed,
+                        empty_ref=_empty_ref_allowed(args))
     V = weight.shape[0]
     V_ref = V if has_topk else (args["ref_logits"].shape[-1] if args["ref_logits"] is not None
                                 else args["ref_weight"].shape[0])

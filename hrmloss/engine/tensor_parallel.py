@@ -56,9 +56,9 @@ class _Layout:
         self.start, self.width = sum(self.widths[:rank]), self.widths[rank]
         self.group = ShardLayout(self.mesh.get_group(self.mesh_dim), self.widths)
 
-    def local(self, x, dim, name, size=None):
+    def local(self, x, dim, name):
         """This rank's part along `dim` of x: its shard of a DTensor sharded like the student, its slice of
-        a replicated (DTensor or plain) tensor of `size` (default V) entries along dim."""
+        a replicated (DTensor or plain) tensor (fewer entries, or none, past the end of a shorter one)."""
         if x is None:
             return None
         if is_dtensor(x):
@@ -70,8 +70,8 @@ class _Layout:
                                      "tensor")
                 return x.to_local()
             x = _replicated(x, name)
-        stop = min(self.start + self.width, x.shape[dim] if size is None else size)
-        return x.narrow(dim, self.start, max(stop - self.start, 0))
+        start = min(self.start, x.shape[dim])  # past a truncated reference's end: no column at all
+        return x.narrow(dim, start, min(self.start + self.width, x.shape[dim]) - start)
 
 
 def _replicated(x, name):
