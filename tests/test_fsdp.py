@@ -173,3 +173,62 @@ def test_fsdp2_gradients_are_the_data_parallel_average(fsdp_run, name):
         torch.testing.assert_close(fused[0][0].double(), losses[rank], rtol=1e-5, atol=1e-6)
         for k, (a, b) in enumerate(zip(fused[1][0], grads)):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=f"rank {rank} grad {k}")
+
+
+# ---------------------------------------------------------------- 2-D mesh: FSDP over "dp" x TP over "tp"
+
+OPTS_2D = dict(kl="jsd", hrm=0.6, temperature=2.0)
+
+
+def _train_2d(fused, rank):
+    """4 ranks, mesh (dp=2, tp=2): the lm_head ColwiseParallel over tp (V = 11: uneven shards), every module
+    fully_shard over dp; the fused loss against nn.Linear + hrm_loss on the Shard(-1) DTensor logits."""
+    import hrmloss
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = _model(True, 0)
+    parallelize_module(model.lm_head, mesh["tp"], ColwiseParallel(use_local_output=False))
+    for m in (model.body, model.lm_head, model):
+        fully_shard(m, mesh=mesh["dp"])
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y, t, _ = _data(mesh["dp"].get_local_rank())  # the tp ranks of one dp rank share its batch
+    losses, grads = [], []
+    for _ in range(STEPS):
+        h = model(x)
+        if fused:
+            loss = hrmloss.linear_hrm_loss(h, model.lm_head.weight, y, bias=model.lm_head.bias, ref_logits=t,
+                                           chunk_size=4, **OPTS_2D)
+        else:
+            logits = model.lm_head(h)
+            assert isinstance(logits, DTensor)
+            loss = hrmloss.hrm_loss(logits, t, y, **OPTS_2D)
+        loss.backward()
+        assert all(isinstance(p, DTensor) and p.device_mesh.ndim == 2  # FSDP over TP: (dp, tp) DTensors
+                   for p in model.lm_head.parameters())
+        grads.append([p.grad.full_tensor() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return losses, grads, [p.detach().full_tensor() for p in model.parameters()]
+
+
+def _rank_main_2d(rank, world, _):
+    return {mode: _train_2d(mode == "fused", rank) for mode in ("fused", "oracle")}
+
+
+def test_fsdp_x_tp_2d_mesh_equals_nn_linear_and_data_parallel(tmp_path):
+    results = run_group(4, _rank_main_2d, None, tmp_path, timeout=240)
+    losses, grads = _data_parallel_reference(dict(opts=OPTS_2D, bias=True))
+    for rank, res in enumerate(results):
+        dp = rank // 2
+        for mode in ("fused", "oracle"):
+            got_losses, got_grads, _ = res[mode]
+            torch.testing.assert_close(got_losses[0].double(), losses[dp], rtol=1e-5, atol=1e-6,
+                                       msg=f"rank {rank} {mode} loss")
+            for k, (a, b) in enumerate(zip(got_grads[0], grads)):
+                torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {mode} grad {k}")
+        for k, (a, b) in enumerate(zip(res["fused"][2], res["oracle"][2])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"rank {rank} parameter {k} after the steps")

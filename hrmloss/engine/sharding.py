@@ -11,10 +11,10 @@ whose rows are split over a 1-D mesh):
 Forward redirection. `linear_hrm_loss(hidden, lm_head.weight, ...)` runs outside lm_head's forward, where
 FSDP2 holds only this rank's rows. Rather than all-gathering by hand (and re-implementing FSDP2's mixed
 precision, gradient division, accumulation without sync and reduce-scatter), the loss runs *inside* the
-forward of the FSDP2 unit that owns the weight: its `forward` is swapped for one call of the loss, so FSDP2's
-pre-forward hook all-gathers the unit's parameters in `param_dtype` (and casts `hidden` to it, as it would
-for lm_head's input), the loss reads the unsharded parameters, and the post-forward hook reshards them and
-hooks the backward, where FSDP2 reduce-scatters the weight's gradient in `reduce_dtype`, averaged over the
+forward of the FSDP2 unit that owns the weight, between FSDP2's own pre- and post-forward hooks of that
+unit (only FSDP2's: the unit's other forward hooks expect its logits). FSDP2's pre-forward hook all-gathers
+the unit's parameters in `param_dtype` (and casts `hidden` to it, as it would lm_head's input), the loss
+reads the unsharded parameters, and the post-forward hook reshards them and hooks the backward, where FSDP2 reduce-scatters the weight's gradient in `reduce_dtype`, averaged over the
 data-parallel ranks, exactly as for `nn.Linear`. Per call, for a weight of V x H elements:
 
     memory         one unsharded copy, in param_dtype, from the all-gather to the end of the forward (the
@@ -25,8 +25,11 @@ data-parallel ranks, exactly as for `nn.Linear`. Per call, for a weight of V x H
 
 The same redirection applies to `bias`, `ref_weight` and `ref_bias` (the reference's unit gets
 `ref_hidden`). A weight read while its unit is unsharded (e.g. the root's, after the model's forward) is a
-plain tensor and needs nothing of this.
+plain tensor and needs nothing of this. On a 2-D mesh (FSDP x TP) the unsharded parameter is the TP
+DTensor, which the inner call reads as a vocabulary shard.
 """
+
+
 def _fsdp_states():
     """(module, state) of every module that `fully_shard` manages (FSDP2's own registry, weak references)."""
     try:
@@ -43,14 +46,15 @@ def _fsdp_states():
 
 
 def fsdp_unit(tensor):
-    """The FSDP2 unit (module) whose sharded parameter `tensor` is, or None for any other tensor."""
+    """(module, FSDP2 state, FSDPParam) of the FSDP2 unit whose sharded parameter `tensor` is, or None for
+    any other tensor."""
     if not is_dtensor(tensor):
         return None
     for module, state in _fsdp_states():
         for group in state._fsdp_param_groups:
             for param in group.fsdp_params:
                 if param.sharded_param is tensor:
-                    return module, param
+                    return module, state, param
     return None
 
 
@@ -75,40 +79,26 @@ def fsdp_redirect(fn, args):
     owned = {name: found for name, found in owned.items() if found is not None}
     if not owned:
         return None
-    units = []  # (unit, the input it casts, its parameters), first the student's
-    for name, (unit, param) in owned.items():
+    units = []  # (unit, its FSDP2 state, the input it casts, its parameters), first the student's
+    for name, (unit, state, param) in owned.items():
         entry = next((u for u in units if u[0] is unit), None)
         if entry is None:
-            entry = (unit, INPUT_OF[name], {})
+            entry = (unit, state, INPUT_OF[name], {})
             units.append(entry)
-        entry[2][name] = param
+        entry[3][name] = param
     return _run_inside(units, fn, dict(args))
 
 
 def _run_inside(units, fn, args):
+    """fn(**args) between FSDP2's pre- and post-forward hooks of each unit (only FSDP2's: a unit's other
+    forward hooks, e.g. ColwiseParallel's on a 2-D mesh, expect its logits and are not run)."""
     if not units:
         return fn(**args)
-    (unit, input_name, params), rest = units[0], units[1:]
-    had_forward = "forward" in unit.__dict__
-    saved = unit.__dict__.get("forward")
-
-    def forward(x):
-        _restore(unit, had_forward, saved)
-        args[input_name] = x  # as FSDP2 cast it (param_dtype)
-        for name, param in params.items():
-            args[name] = param.unsharded_param  # what the unit holds between its hooks
-        return _run_inside(rest, fn, args)
-
-    unit.forward = forward
-    try:
-        return unit(args[input_name])
-    finally:
-        _restore(unit, had_forward, saved)
-
-
-def _restore(unit, had_forward, saved):
-    if had_forward:
-        unit.forward = saved
-    else:
-        unit.__dict__.pop("forward", None)
+    (unit, state, input_name, params), rest = units[0], units[1:]
+    inputs = (args[input_name],)
+    (args[input_name],), _ = state._pre_forward(unit, inputs, {})  # all-gather; the input cast to param_dtype
+    for name, param in params.items():
+        args[name] = param.unsharded_param  # what the unit holds between its hooks
+    out = _run_inside(rest, fn, args)
+    return state._post_forward(unit, inputs, out)  # reshard, and hook the backward's reduce-scatter
 
