@@ -45,6 +45,18 @@ def _fsdp_states():
     return pairs
 
 
+def call_inside(module, fn, kwargs):
+    """fn(**kwargs) between FSDP2's forward hooks of `module` when fully_shard manages it (its parameters
+    unsharded, as inside module(**kwargs), and its backward hooked), plain fn(**kwargs) otherwise. E.g. a
+    causal LM's base model run inside the root's hooks, so that the root's own parameters (embeddings,
+    final norm, lm_head) are gathered: what TRL and Liger call forward redirection."""
+    state = next((st for m, st in _fsdp_states() if m is module), None)
+    if state is None:
+        return fn(**kwargs)
+    _, kwargs = state._pre_forward(module, (), kwargs)
+    return state._post_forward(module, (), fn(**kwargs))
+
+
 def fsdp_unit(tensor):
     """(module, FSDP2 state, FSDPParam) of the FSDP2 unit whose sharded parameter `tensor` is, or None for
     any other tensor."""

@@ -22,6 +22,7 @@ large batch; the Trainer then does not divide by the accumulation steps.
 import torch
 from transformers import Trainer
 
+from ..engine.sharding import call_inside
 from ..linear import linear_hrm_loss
 from ..loss import hrm_loss
 
@@ -102,12 +103,12 @@ class HRMDistillTrainer(Trainer):
             with torch.no_grad():
                 tproj = _projection(self.teacher_model) if self.fused else None
                 if proj is not None and tproj is not None:
-                    hidden = tproj[0](**inputs).last_hidden_state
+                    hidden = call_inside(self.teacher_model, tproj[0], inputs).last_hidden_state
                     teacher = dict(ref_hidden=_shift(hidden), ref_weight=tproj[1], ref_bias=tproj[2])
                 else:
                     teacher = dict(ref_logits=_shift(self.teacher_model(**inputs).logits))
         if proj is not None:
-            hidden = proj[0](**inputs).last_hidden_state
+            hidden = call_inside(model, proj[0], inputs).last_hidden_state  # FSDP2: inside the root's hooks
             return (_shift(hidden), proj[1], proj[2]), teacher, None
         outputs = model(**inputs)
         return None, teacher, outputs
