@@ -136,6 +136,10 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         hidden: (..., H) float32 / bfloat16 / float16, the student's last hidden states. Receives a
             gradient of its shape and dtype.
         weight: (V, H), hidden's dtype, the student's output projection. Receives a gradient in its dtype.
+            A DTensor weight: one that FSDP2 (`fully_shard`) manages is gathered by FSDP2 (the loss runs
+            inside its unit's FSDP2 hooks); any other `Shard(0)` DTensor is a vocabulary shard (tensor
+            parallel, the mesh's group as process_group). Same for bias, ref_weight, ref_bias
+            (docs/distributed.md).
             Inside `torch.autocast`, hidden and weight (and bias, and the reference's) may have different
             float dtypes: every GEMM then runs in autocast's dtype, as F.linear would.
         labels: (...) = hidden.shape[:-1], int64 or int32, values in [0, V) or `ignore_index`.

@@ -25,6 +25,8 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
 
     Args:
         logits: (..., V) float32 / bfloat16 / float16, the student. Receives the gradient (its dtype).
+            A DTensor `Shard(-1)` over one mesh dimension (a ColwiseParallel lm_head's) is the
+            vocabulary-parallel call over that dimension's group; shards may be uneven (docs/distributed.md).
             (float64 runs on backend="torch", for gradcheck.)
         ref_logits: (..., V), any of those dtypes, the reference. Receives a gradient when it requires
             grad (co-training, a learned reference), computed in the same backward pass; when it does

@@ -1,9 +1,9 @@
 """Vocabulary-parallel loss: merge the per-shard row statistics of the core passes over a process group.
 
 With a tensor-parallel output layer, rank r of a group of W ranks holds the logits of the contiguous
-vocabulary shard [r V_l, (r+1) V_l) (equal shards of V_l columns, global vocabulary V = W V_l) and the
-labels, with global ids, are the same on every rank. Each rank runs the core passes on its shard; the
-shard statistics combine exactly (notation of hrmloss/kernels, shards r = 0..W-1):
+vocabulary shard [r V_l, (r+1) V_l) (equal shards of V_l columns, global vocabulary V = W V_l; a DTensor's
+shards may be unequal: ShardLayout) and the labels, with global ids, are the same on every rank. Each rank
+runs the core passes on its shard; the shard statistics combine exactly (notation of hrmloss/kernels, shards r = 0..W-1):
 
     lse      = log sum_r exp(lse_r)                          for lse_s, lse_u, lse_w
     E_p[w-u] = sum_r exp(lse_w,r - lse_w) E_p,r[w-u]          E_p,r: the expectation under the shard's
@@ -14,7 +14,8 @@ shard statistics combine exactly (notation of hrmloss/kernels, shards r = 0..W-1
 
 Collectives per forward call, all `all_reduce` on tensors of the logits' device, N = rows:
 
-    1. check: MAX of 6 int64, [V_l, -V_l, N, -N, c, -c] (c a checksum of the labels)
+    1. check: SUM of a (W, 1 + len(AGREED)) int64 matrix, row r rank r's status word and what must agree
+       (V_l, N, checksums of the labels, ids and token weights, the options' bit patterns; vocab_shard)
     2. stats: MAX of (N, 4) fp32, the shard lse (a stable reference for the exponentials)
     3. stats: SUM of (N, 8) fp32, the rescaled sums, s[y], sum_j s_j and the weighted expectations
     4. (kl="jsd" only) SUM of (N, 2) fp32, the JSD partial sums
