@@ -174,11 +174,11 @@ def _prepare_linear(args):
     acc_dtype = checks.check_grad_acc_dtype(args["grad_acc_dtype"], gemm_dtype)
     topk, weights, call = _teacher_and_call(args, labels, hidden.device, (gemm_dtype,), V, cut=V_ref < V)
     flat = labels.reshape(-1).contiguous()
-    shard = _shard(args["process_group"], V, flat, call, topk, weights)
-    plan = chunked.make_plan(call, flat.shape[0], V, hidden.device, gemm_dtype, acc_dtype, shard,
-                        ref_from_hidden=args["ref_hidden"] is not None, chunk_size=args["chunk_size"],
-                        chunk_bytes=args["chunk_bytes"])
-    return Prepared(call, flat, None, topk, weights, shard, plan)
+    plan = chunked.make_plan(call, flat.shape[0], V, hidden.device, gemm_dtype, acc_dtype, None,
+                             ref_from_hidden=args["ref_hidden"] is not None, chunk_size=args["chunk_size"],
+                             chunk_bytes=args["chunk_bytes"])
+    shard = _shard(args["process_group"], V, flat, call, topk, weights)  # last: nothing raises after the check
+    return Prepared(call, flat, None, topk, weights, shard, plan._replace(shard=shard))
 
 
 def _check_finite(ce, kl, live):
