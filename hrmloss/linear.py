@@ -51,7 +51,7 @@ import torch
 from .engine import chunked, sparse
 from .engine.frontend import LossModule, finish, prepare_linear
 from .engine.reduce import reduce_rows
-from .engine.sharding import fsdp_redirect
+from .engine.sharding import check_not_zero3, fsdp_redirect
 from .engine.tensor_parallel import linear_call
 
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias", "ref_topk", "token_weights")
@@ -184,6 +184,7 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
     args = locals()
+    check_not_zero3(args)
     redirected = fsdp_redirect(linear_hrm_loss, args)  # FSDP2-sharded weights: gathered by FSDP2
     if redirected is None:
         redirected = linear_call(linear_hrm_loss, args)  # a DTensor vocabulary shard (tensor parallel)

@@ -114,3 +114,44 @@ def _run_inside(units, fn, args):
     out = _run_inside(rest, fn, args)
     return state._post_forward(unit, inputs, out)  # reshard, and hook the backward's reduce-scatter
 
+
+
+def is_zero3_placeholder(tensor):
+    """A DeepSpeed ZeRO-3 partitioned parameter read outside its module's forward (0 elements there)."""
+    return tensor is not None and hasattr(tensor, "ds_id") and tensor.numel() == 0  # gathered: all its elements
+
+
+def check_not_zero3(args):
+    """ValueError for a ZeRO-3 placeholder among linear_hrm_loss's parameters: it must run inside the forward
+    of the module holding them (inside_forward), where ZeRO-3 gathers them for the forward and the backward."""
+    for name in PARAMETERS:
+        if is_zero3_placeholder(args[name]):
+            raise ValueError(f"{name}: a DeepSpeed ZeRO-3 partitioned parameter, shape "
+                             f"{tuple(args[name].shape)} outside its module's forward: expected the call inside "
+                             "that module's forward, hrmloss.inside_forward(lm_head, lambda h: "
+                             "linear_hrm_loss(h, lm_head.weight, ...), hidden) (docs/distributed.md)")
+
+
+def inside_forward(module, fn, *inputs):
+    """fn(*inputs) run as `module`'s forward, for one call: module(*inputs) with every hook of the module,
+    so that an engine hooking modules (DeepSpeed ZeRO-3, FSDP) gathers the module's parameters for the call
+    and for its backward and reduces their gradients, as for the module's own forward. The module's other
+    forward hooks see fn's result instead of the module's output."""
+    had = "forward" in module.__dict__
+    saved = module.__dict__.get("forward")
+
+    def forward(*xs):
+        _restore()
+        return fn(*xs)
+
+    def _restore():
+        if had:
+            module.forward = saved
+        else:
+            module.__dict__.pop("forward", None)
+
+    module.forward = forward
+    try:
+        return module(*inputs)
+    finally:
+        _restore()
