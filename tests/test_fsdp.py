@@ -60,8 +60,8 @@ def _step_loss(fused, model, teacher, x, y, t, case):
             th = teacher(x)
         if fused:
             return hrmloss.linear_hrm_loss(h, model.lm_head.weight, y, bias=model.lm_head.bias, ref_hidden=th,
-                                           ref_weight=teacher.lm_head.weight, ref_bias=teacher.lm_head.bias, chunk_size=4,
-                                           **opts)
+                                           ref_weight=teacher.lm_head.weight, ref_bias=teacher.lm_head.bias,
+                                           chunk_size=4, **opts)
         with torch.no_grad():
             t = teacher.lm_head(th)
     if fused:

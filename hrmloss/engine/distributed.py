@@ -3,7 +3,8 @@
 With a tensor-parallel output layer, rank r of a group of W ranks holds the logits of the contiguous
 vocabulary shard [r V_l, (r+1) V_l) (equal shards of V_l columns, global vocabulary V = W V_l; a DTensor's
 shards may be unequal: ShardLayout) and the labels, with global ids, are the same on every rank. Each rank
-runs the core passes on its shard; the shard statistics combine exactly (notation of hrmloss/kernels, shards r = 0..W-1):
+runs the core passes on its shard; the shard statistics combine exactly (notation of hrmloss/kernels,
+shards r = 0..W-1):
 
     lse      = log sum_r exp(lse_r)                          for lse_s, lse_u, lse_w
     E_p[w-u] = sum_r exp(lse_w,r - lse_w) E_p,r[w-u]          E_p,r: the expectation under the shard's

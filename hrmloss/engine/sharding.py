@@ -1,4 +1,4 @@
-"""Sharded weights of the fused projection: FSDP2 parameters are gathered by FSDP2 itself.
+"""Sharded weights of the fused projection: FSDP2 (and DeepSpeed ZeRO-3) parameters are gathered by the engine.
 
 The rule that tells the two readings of a `Shard(0)` DTensor weight apart (both look the same: a DTensor
 whose rows are split over a 1-D mesh):
@@ -14,8 +14,9 @@ precision, gradient division, accumulation without sync and reduce-scatter), the
 forward of the FSDP2 unit that owns the weight, between FSDP2's own pre- and post-forward hooks of that
 unit (only FSDP2's: the unit's other forward hooks expect its logits). FSDP2's pre-forward hook all-gathers
 the unit's parameters in `param_dtype` (and casts `hidden` to it, as it would lm_head's input), the loss
-reads the unsharded parameters, and the post-forward hook reshards them and hooks the backward, where FSDP2 reduce-scatters the weight's gradient in `reduce_dtype`, averaged over the
-data-parallel ranks, exactly as for `nn.Linear`. Per call, for a weight of V x H elements:
+reads the unsharded parameters, and the post-forward hook reshards them and hooks the backward, where
+FSDP2 reduce-scatters the weight's gradient in `reduce_dtype`, averaged over the data-parallel ranks,
+exactly as for `nn.Linear`. Per call, for a weight of V x H elements:
 
     memory         one unsharded copy, in param_dtype, from the all-gather to the end of the forward (the
                    fp32 gradient accumulator of the fused loss besides); FSDP2 frees it after the forward
@@ -26,7 +27,12 @@ data-parallel ranks, exactly as for `nn.Linear`. Per call, for a weight of V x H
 The same redirection applies to `bias`, `ref_weight` and `ref_bias` (the reference's unit gets
 `ref_hidden`). A weight read while its unit is unsharded (e.g. the root's, after the model's forward) is a
 plain tensor and needs nothing of this. On a 2-D mesh (FSDP x TP) the unsharded parameter is the TP
-DTensor, which the inner call reads as a vocabulary shard.
+DTensor, which the inner call reads as a vocabulary shard. `call_inside` runs any function (the trainer's
+base model) inside a managed module's FSDP2 hooks.
+
+DeepSpeed ZeRO-3 keeps no registry from a parameter to its module, so a placeholder (0 elements outside
+the module's forward) is refused by name, and `inside_forward(lm_head, fn, hidden)` runs the loss as the
+module's forward, with all its hooks, where ZeRO-3 gathers for the forward and for the backward.
 """
 
 
@@ -113,7 +119,6 @@ def _run_inside(units, fn, args):
         args[name] = param.unsharded_param  # what the unit holds between its hooks
     out = _run_inside(rest, fn, args)
     return state._post_forward(unit, inputs, out)  # reshard, and hook the backward's reduce-scatter
-
 
 
 def is_zero3_placeholder(tensor):

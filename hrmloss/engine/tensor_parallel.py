@@ -62,8 +62,9 @@ class _Layout:
         if x is None:
             return None
         if is_dtensor(x):
-            if x.device_mesh == self.mesh and any(type(p).__name__ == "Shard" for p in x.placements):
-                if x.shape[dim] != self.V or _mesh_dim(x, dim, name) != self.mesh_dim:
+            from torch.distributed.tensor import Replicate
+            if not all(isinstance(p, Replicate) for p in x.placements):  # sharded: like the student, or refused
+                if x.device_mesh != self.mesh or x.shape[dim] != self.V or _mesh_dim(x, dim, name) != self.mesh_dim:
                     raise ValueError(f"{name}: a DTensor of shape {tuple(x.shape)} and placements "
                                      f"{tuple(x.placements)}: expected the student's vocabulary sharding "
                                      f"(V = {self.V} over mesh dimension {self.mesh_dim}), or a replicated "
