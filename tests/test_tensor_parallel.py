@@ -1,10 +1,11 @@
-"""DTensor inputs on a 1-D tensor-parallel mesh (2 gloo ranks) against the single-process loss.
+"""DTensor inputs on a 1-D tensor-parallel mesh (2 gloo ranks) against the single-process loss, and rank faults.
 
 hrm_loss takes logits that are DTensors Shard(-1) (ColwiseParallel's output), the reference sharded the
 same way, replicated, or a plain tensor, labels plain or Replicate; linear_hrm_loss takes a weight Shard(0)
 over the mesh (a ColwiseParallel lm_head's) as a vocabulary shard. Every case runs on V even and uneven
 over the ranks; each rank must get the single-process loss, and gradients that are DTensors of the
-inputs' placements whose full tensors are the single-process gradients.
+inputs' placements whose full tensors are the single-process gradients. The same group then runs the rank
+faults of the vocabulary-parallel path (one spawn for both).
 """
 import pytest
 import torch
@@ -106,6 +107,74 @@ def _linear_case(case, d, mesh):
     return tuple(x.detach() for x in out), grads
 
 
+# ---------------------------------------------------------------- rank faults (the same 2-rank group)
+# Each case gives one rank an argument the other does not have (rejected on that rank only, or a value the
+# ranks must share); every rank must raise the same ValueError naming the argument and the rank, within the
+# group's hard timeout (a hang fails the test). After every fault the group still works.
+
+F_ROWS, F_V_LOCAL, F_H = 6, 5, 4
+
+
+def _fault_inputs(rank, world):
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(F_ROWS, F_V_LOCAL * world, generator=g)
+    t = torch.randn(F_ROWS, F_V_LOCAL * world, generator=g)
+    y = torch.randint(0, F_V_LOCAL * world, (F_ROWS,), generator=g)
+    cols = slice(rank * F_V_LOCAL, (rank + 1) * F_V_LOCAL)
+    lps, ids = torch.log_softmax(t, -1).topk(3, -1)
+    return dict(s=s[:, cols].contiguous(), t=t[:, cols].contiguous(), y=y, ids=ids, lps=lps,
+                h=torch.randn(F_ROWS, F_H, generator=g), W=torch.randn(F_V_LOCAL * world, F_H, generator=g)[cols])
+
+
+def _world():
+    import torch.distributed as dist
+    return dist.group.WORLD
+
+
+def _logits(d, **kw):
+    return hrmloss.hrm_loss(d["s"], d["t"], d["y"], process_group=_world(), **kw)
+
+
+def _linear(d, **kw):
+    return hrmloss.linear_hrm_loss(d["h"], d["W"], d["y"], ref_logits=d["t"], process_group=_world(), **kw)
+
+
+# name -> (what rank 1 does differently, the text every rank's error holds)
+FAULTS = {
+    "hrm_negative_on_one_rank": (lambda d, r: _logits(d, hrm=-1.0 if r else 0.5), "rank 1 of 2 rejected hrm"),
+    "hrm_differs": (lambda d, r: _logits(d, hrm=1.0 if r else 0.5), "ranks disagree on hrm"),
+    "tensor_hrm_out_of_range_on_one_rank": (
+        lambda d, r: _logits(d, hrm=torch.tensor(-1.0 if r else 0.5)), "ranks disagree on hrm"),
+    "temperature_differs": (lambda d, r: _logits(d, temperature=2.0 if r else 1.5), "ranks disagree on temperature"),
+    "softcap_on_one_rank": (lambda d, r: _logits(d, softcap=3.0 if r else None), "ranks disagree on the options"),
+    "num_items_differs": (lambda d, r: _logits(d, num_items=5 + r), "ranks disagree on num_items"),
+    "labels_dtype_on_one_rank": (lambda d, r: hrmloss.hrm_loss(
+        d["s"], d["t"], d["y"].float() if r else d["y"], process_group=_world()),
+        "rank 1 of 2 rejected labels"),
+    "ref_topk_ids_differ": (lambda d, r: hrmloss.hrm_loss(
+        d["s"], None, d["y"], ref_topk=(d["ids"].flip(-1) if r else d["ids"], d["lps"]),
+        process_group=_world()), "ref_topk indices"),
+    "token_weights_differ": (lambda d, r: _logits(d, token_weights=torch.ones(F_ROWS) * (1 + r)), "token_weights"),
+    "linear_hrm_negative_on_one_rank": (lambda d, r: _linear(d, hrm=-1.0 if r else 0.5), "rank 1 of 2 rejected hrm"),
+    "linear_weight_dtype_on_one_rank": (lambda d, r: _linear(dict(d, W=d["W"].double() if r else d["W"])),
+                                        "rank 1 of 2 rejected weight"),
+    "linear_z_loss_differs": (lambda d, r: _linear(d, z_loss=1e-2 * r), "ranks disagree on z_loss"),
+}
+
+
+def _faults(rank, world):
+    out = {}
+    for name in FAULTS:
+        d = _fault_inputs(rank, world)
+        try:
+            FAULTS[name][0](d, rank)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+        out[name + "/after"] = float(_logits(d, hrm=0.5))  # the group still works
+    return out
+
+
 def _rank_main(rank, world, payload):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
@@ -122,6 +191,7 @@ def _rank_main(rank, world, payload):
         out["err_group"] = None
     except ValueError as e:
         out["err_group"] = str(e)
+    out["faults"] = _faults(rank, world)
     return out
 
 
@@ -162,3 +232,14 @@ def test_dtensor_vocabulary_shards_match_one_process(tp_run, name):
 def test_process_group_with_dtensor_logits_is_an_error(tp_run):
     for res in tp_run:
         assert res["err_group"] is not None and "the mesh gives the group" in res["err_group"]
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_every_rank_raises_the_same_named_error(tp_run, name):
+    text = FAULTS[name][1]
+    faults = [res["faults"] for res in tp_run]
+    messages = [res[name] for res in faults]
+    assert all(m is not None for m in messages), f"a rank did not raise: {messages}"
+    assert messages[0] == messages[1], messages
+    assert text in messages[0], messages[0]
+    assert faults[0][name + "/after"] == faults[1][name + "/after"]
