@@ -9,6 +9,7 @@ The package by role (docs/design.md §3):
                                  the demo and the command line
     hrmloss/integrations/        Hugging Face transformers
 """
+from .engine.sharding import inside_forward
 from .linear import LinearHRMLoss, linear_hrm_loss
 from .loss import HRMLoss, HRMLossOutput, hrm_loss
 
@@ -24,7 +25,7 @@ _LAZY = {
     "read_runs": "logs", "report": "reports", "fit_grid": "reports",
 }
 
-__all__ = ["HRMLoss", "HRMLossOutput", "LinearHRMLoss", "hrm_loss", "linear_hrm_loss", *_LAZY]
+__all__ = ["HRMLoss", "HRMLossOutput", "LinearHRMLoss", "hrm_loss", "inside_forward", "linear_hrm_loss", *_LAZY]
 __version__ = "0.1.0"
 
 

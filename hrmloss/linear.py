@@ -52,6 +52,8 @@ from .engine import chunked, sparse
 from .engine.frontend import LossModule, finish, prepare_linear
 from .engine.options import LossOptions, check_value
 from .engine.reduce import reduce_rows
+from .engine.sharding import check_not_zero3, fsdp_redirect
+from .engine.tensor_parallel import linear_call
 
 _TENSOR_KEYWORDS = ("bias", "ref_logits", "ref_hidden", "ref_weight", "ref_bias", "ref_topk", "token_weights")
 
@@ -147,6 +149,10 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
         hidden: (..., H) float32 / bfloat16 / float16, the student's last hidden states. Receives a
             gradient of its shape and dtype.
         weight: (V, H), hidden's dtype, the student's output projection. Receives a gradient in its dtype.
+            A DTensor weight: one that FSDP2 (`fully_shard`) manages is gathered by FSDP2 (the loss runs
+            inside its unit's FSDP2 hooks); any other `Shard(0)` DTensor is a vocabulary shard (tensor
+            parallel, the mesh's group as process_group). Same for bias, ref_weight, ref_bias
+            (docs/distributed.md).
             Inside `torch.autocast`, hidden and weight (and bias, and the reference's) may have different
             float dtypes: every GEMM then runs in autocast's dtype, as F.linear would.
         labels: (...) = hidden.shape[:-1], int64 or int32, values in [0, V) or `ignore_index`.
@@ -196,7 +202,14 @@ def linear_hrm_loss(hidden, weight, labels, hrm=1.0, *, bias=None, ref_logits=No
     The graph of a "mean" / "sum" loss can be backpropagated once (its gradients are scaled in place).
     """
     ref_softcap = _check_ref_softcap(ref_softcap, ref_logits is not None or ref_hidden is not None)
-    p = prepare_linear(locals())
+    args = locals()
+    check_not_zero3(args)
+    redirected = fsdp_redirect(linear_hrm_loss, args)  # FSDP2-sharded weights: gathered by FSDP2
+    if redirected is None:
+        redirected = linear_call(linear_hrm_loss, args)  # a DTensor vocabulary shard (tensor parallel)
+    if redirected is not None:
+        return redirected
+    p = prepare_linear(args)
     plan = p.plan if ref_softcap is None else p.plan._replace(ref_softcap=ref_softcap)
     out = LinearHRMLossFunction.apply(
         hidden, weight, bias, p.labels, *map(_detach, (ref_logits, ref_hidden, ref_weight, ref_bias)), plan,

@@ -2,6 +2,7 @@
 reduction are the front end's (hrmloss/engine/frontend.py); this file wires them to the autograd Function."""
 from .engine.autograd import HRMLossFunction
 from .engine.frontend import HRMLossOutput, LossModule, finish, prepare_logits
+from .engine.tensor_parallel import logits_call
 
 __all__ = ["HRMLoss", "HRMLossOutput", "hrm_loss"]
 
@@ -24,6 +25,8 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
 
     Args:
         logits: (..., V) float32 / bfloat16 / float16, the student. Receives the gradient (its dtype).
+            A DTensor `Shard(-1)` over one mesh dimension (a ColwiseParallel lm_head's) is the
+            vocabulary-parallel call over that dimension's group; shards may be uneven (docs/distributed.md).
             (float64 runs on backend="torch", for gradcheck.)
         ref_logits: (..., V), any of those dtypes, the reference. Receives a gradient when it requires
             grad (co-training, a learned reference), computed in the same backward pass; when it does
@@ -107,6 +110,9 @@ def hrm_loss(logits, ref_logits, labels, hrm=1.0, *, kl="forward", beta=0.5, tem
         The loss, or `HRMLossOutput(loss, ce, kl, z)`, the last three reduced like the loss, detached.
         fp32 for fp32 / bf16 / fp16 logits, float64 for float64 logits (backend="torch").
     """
+    redirected = logits_call(hrm_loss, locals())  # DTensor logits, Shard(-1): vocabulary-parallel
+    if redirected is not None:
+        return redirected
     p = prepare_logits(locals())
     rows = HRMLossFunction.apply(logits, p.ref, p.labels, p.call.params, p.call.st, p.call.backend, p.shard, p.topk,
                                  p.weights, p.call.num_items)

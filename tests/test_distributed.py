@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hrmloss import HRMLoss, hrm_loss
+from hrmloss.engine.distributed import AGREED
 from hrmloss.engine.layout import PARTIAL, PARTIAL_MERGE
 from tests._spawn import run_group
 from tests.reference import reference_loss
@@ -400,7 +401,8 @@ def test_collectives_are_few_small_all_reduces_and_none_in_backward(group_run, n
     world, job, results = _case(group_run, name)
     n = job["labels"][0].numel()
     n_lse = sum(1 for rule in PARTIAL_MERGE.values() if rule == "lse")
-    expected = [("all_reduce", 6), ("all_reduce", n_lse * n), ("all_reduce", len(PARTIAL) * n)]
+    check = job["tp"] * (1 + len(AGREED))  # a row per rank of the group: its status word, what must agree
+    expected = [("all_reduce", check), ("all_reduce", n_lse * n), ("all_reduce", len(PARTIAL) * n)]
     if "ref_topk" in job["opts"]:  # every id's student logit, from the shard that owns it
         expected.append(("all_reduce", job["opts"]["ref_topk"][0].shape[-1] * n))
     elif job["opts"].get("kl", "forward") == "jsd" and not job["no_ref"]:  # no reference: no JSD pass

@@ -68,9 +68,10 @@ def check_ref_vocab(name, shape, V_ref, V, ref_vocab):
                          "the first min(V, V_ref) ids of both)")
 
 
-def check_logits(logits, ref_logits, labels, ref_vocab="error", topk=False):
+def check_logits(logits, ref_logits, labels, ref_vocab="error", topk=False, empty_ref=False):
     """Shapes, dtypes and devices of hrm_loss's tensors; returns the reference as the passes read it (its
-    first V columns when it has more, ref_vocab="truncate"), or None for a sparse teacher (topk)."""
+    first V columns when it has more, ref_vocab="truncate"), or None for a sparse teacher (topk).
+    empty_ref: a vocabulary shard past a truncated reference's vocabulary may have no reference column."""
     check_tensor("logits", logits, FLOAT_DTYPES + TORCH_ONLY_DTYPES)
     check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -86,7 +87,7 @@ def check_logits(logits, ref_logits, labels, ref_vocab="error", topk=False):
     if ref_logits is None:  # no reference: the fused cross-entropy family alone
         return None
     check_tensor("ref_logits", ref_logits, FLOAT_DTYPES + TORCH_ONLY_DTYPES)
-    if ref_logits.shape[:-1] != logits.shape[:-1] or ref_logits.shape[-1] < 1:
+    if ref_logits.shape[:-1] != logits.shape[:-1] or ref_logits.shape[-1] < (0 if empty_ref else 1):
         raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected the shape of logits, "
                          f"{tuple(logits.shape)}")
     check_ref_vocab("ref_logits", ref_logits.shape, ref_logits.shape[-1], logits.shape[-1], ref_vocab)
@@ -154,16 +155,16 @@ def same_device(anchor_name, anchor, others):
             raise ValueError(f"{name}.device={x.device}: expected the device of {anchor_name}, {anchor.device}")
 
 
-def check_projection(prefix, hidden, weight, bias, mixed=False):
-    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype.
+def check_projection(prefix, hidden, weight, bias, mixed=False, min_rows=1):
+    """hidden (..., H), weight (V, H) of hidden's dtype, bias (V,) of that dtype, V >= min_rows.
     mixed (inside torch.autocast): the three may have different float dtypes."""
     check_tensor(f"{prefix}hidden", hidden, FLOAT_DTYPES)
     check_tensor(f"{prefix}weight", weight, FLOAT_DTYPES)
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
         raise ValueError(f"{prefix}hidden.shape={tuple(hidden.shape)}: expected (..., H) with H >= 1")
     H = hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
-        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected (V, H) with V >= 1 and "
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < min_rows:
+        raise ValueError(f"{prefix}weight.shape={tuple(weight.shape)}: expected (V, H) with V >= {min_rows} and "
                          f"H = {prefix}hidden.shape[-1] = {H}")
     if weight.dtype != hidden.dtype and not mixed:
         raise TypeError(f"{prefix}weight.dtype={weight.dtype}: expected the dtype of {prefix}hidden, "
@@ -176,8 +177,9 @@ def check_projection(prefix, hidden, weight, bias, mixed=False):
 
 
 def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weight, ref_bias, ref_vocab="error",
-                 topk=False, mixed=False):
-    """Types, shapes, dtypes and devices of a linear_hrm_loss call; mixed: inside torch.autocast."""
+                 topk=False, mixed=False, empty_ref=False):
+    """Types, shapes, dtypes and devices of a linear_hrm_loss call; mixed: inside torch.autocast; empty_ref:
+    as in check_logits."""
     check_projection("", hidden, weight, bias, mixed=mixed)
     check_tensor("labels", labels, LABEL_DTYPES, "int64 or int32")
     lead, V = tuple(hidden.shape[:-1]), weight.shape[0]
@@ -193,7 +195,7 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
             raise ValueError("ref_logits was given together with ref_hidden / ref_weight / ref_bias: "
                              "expected exactly one of ref_logits or (ref_hidden, ref_weight[, ref_bias])")
         check_tensor("ref_logits", ref_logits, FLOAT_DTYPES)
-        if tuple(ref_logits.shape[:-1]) != lead or ref_logits.shape[-1] < 1:
+        if tuple(ref_logits.shape[:-1]) != lead or ref_logits.shape[-1] < (0 if empty_ref else 1):
             raise ValueError(f"ref_logits.shape={tuple(ref_logits.shape)}: expected hidden.shape[:-1] + (V,) "
                              f"= {(*lead, V)} with V = weight.shape[0]")
         check_ref_vocab("ref_logits", ref_logits.shape, ref_logits.shape[-1], V, ref_vocab)
@@ -205,7 +207,7 @@ def check_linear(hidden, weight, labels, bias, ref_logits, ref_hidden, ref_weigh
             raise ValueError("an incomplete reference: expected ref_logits, or both ref_hidden and ref_weight "
                              f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
-        check_projection("ref_", ref_hidden, ref_weight, ref_bias, mixed=mixed)
+        check_projection("ref_", ref_hidden, ref_weight, ref_bias, mixed=mixed, min_rows=0 if empty_ref else 1)
         check_ref_vocab("ref_weight", ref_weight.shape, ref_weight.shape[0], V, ref_vocab)
         if tuple(ref_hidden.shape[:-1]) != lead:
             raise ValueError(f"ref_hidden.shape={tuple(ref_hidden.shape)}: expected hidden.shape[:-1] + "

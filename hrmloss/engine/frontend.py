@@ -95,11 +95,10 @@ def _options(args):
 def _teacher_and_call(args, labels, device, dtypes, vocab, cut, ref=True):
     """The sparse teacher, token weights and Call of either entry point, in the order of their checks."""
     group = args["process_group"]
-    world = 1
     if group is not None and args["ref_topk"] is not None:  # the ids are global: K <= the whole vocabulary
-        from .distributed import check_group
-        world = check_group(group)[1]
-    topk = checks.check_topk(args["ref_topk"], labels, vocab * world)
+        from .distributed import global_vocab
+        vocab = global_vocab(group, vocab)
+    topk = checks.check_topk(args["ref_topk"], labels, vocab)
     weights = checks.check_weights(args["token_weights"], labels)
     call = make_call(_options(args), device, dtypes, return_components=args["return_components"],
                      num_items=args["num_items"], check_finite=args["check_finite"], topk=topk is not None,
@@ -107,18 +106,54 @@ def _teacher_and_call(args, labels, device, dtypes, vocab, cut, ref=True):
     return topk, weights, call
 
 
-def _shard(group, vocab, flat):
+def _shard(group, vocab, flat, call, topk, weights):
     if group is None:
         return None
     from .distributed import vocab_shard
-    return vocab_shard(group, vocab, flat)
+    return vocab_shard(group, vocab, flat, call, topk, weights)
+
+
+def _in_group(prepare, args):
+    """prepare(args); in a vocabulary-parallel call (process_group), a rank whose arguments are rejected
+    still joins the group's first collective, with a status word naming the argument, so that every rank
+    raises (distributed.vocab_shard) instead of waiting for it."""
+    group = args["process_group"]
+    if group is None:
+        return prepare(args)
+    from .distributed import GroupError, check_group, vocab_shard
+    check_group(group)  # an unusable group raises at once: there is nothing to communicate over
+    try:
+        return prepare(args)
+    except GroupError:
+        raise
+    except (ValueError, TypeError) as error:
+        tensors = [args.get(k) for k in ("logits", "hidden", "labels")]
+        device = next((x.device for x in tensors if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        vocab_shard(group, 0, None, failure=error, device=device)
+        raise
 
 
 def prepare_logits(args):
     """Check a `hrm_loss` call (its arguments, `locals()` at its start) and prepare it."""
+    return _in_group(_prepare_logits, args)
+
+
+def prepare_linear(args):
+    """Check a `linear_hrm_loss` call (its arguments, `locals()` at its start) and prepare it, with the
+    chunk plan (chunked.make_plan)."""
+    return _in_group(_prepare_linear, args)
+
+
+def _empty_ref_allowed(args):
+    """A vocabulary shard wholly past a truncated reference's vocabulary: no reference column, and it adds
+    nothing to the divergence (its student columns are outside the first V_ref ids)."""
+    return args["process_group"] is not None and args["ref_vocab"] == "truncate"
+
+
+def _prepare_logits(args):
     logits, labels = args["logits"], args["labels"]
     ref = checks.check_logits(logits, args["ref_logits"], labels, args["ref_vocab"],
-                              topk=args["ref_topk"] is not None)
+                              topk=args["ref_topk"] is not None, empty_ref=_empty_ref_allowed(args))
     V = logits.shape[-1]
     dtypes = (logits.dtype,) + (() if ref is None else (ref.dtype,))
     topk, weights, call = _teacher_and_call(args, labels, logits.device, dtypes, V,
@@ -126,18 +161,17 @@ def prepare_logits(args):
     if call.st.inplace:
         checks.check_inplace(logits)
     flat = labels.reshape(-1)
-    return Prepared(call, flat, ref, topk, weights, _shard(args["process_group"], V, flat))
+    return Prepared(call, flat, ref, topk, weights, _shard(args["process_group"], V, flat, call, topk, weights))
 
 
-def prepare_linear(args):
-    """Check a `linear_hrm_loss` call (its arguments, `locals()` at its start) and prepare it, with the
-    chunk plan (chunked.make_plan)."""
+def _prepare_linear(args):
     hidden, weight, labels = args["hidden"], args["weight"], args["labels"]
     checks.check_chunking(args["chunk_size"], args["chunk_bytes"])
     mixed = isinstance(hidden, torch.Tensor) and chunked.autocast_enabled(hidden.device.type)
     has_topk = args["ref_topk"] is not None
     checks.check_linear(hidden, weight, labels, args["bias"], args["ref_logits"], args["ref_hidden"],
-                        args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed)
+                        args["ref_weight"], args["ref_bias"], args["ref_vocab"], topk=has_topk, mixed=mixed,
+                        empty_ref=_empty_ref_allowed(args))
     V = weight.shape[0]
     has_ref = args["ref_logits"] is not None or args["ref_weight"] is not None
     V_ref = args["ref_logits"].shape[-1] if args["ref_logits"] is not None else \
@@ -147,11 +181,11 @@ def prepare_linear(args):
     topk, weights, call = _teacher_and_call(args, labels, hidden.device, (gemm_dtype,), V, cut=V_ref < V,
                                             ref=has_ref)
     flat = labels.reshape(-1).contiguous()
-    shard = _shard(args["process_group"], V, flat)
-    plan = chunked.make_plan(call, flat.shape[0], V, hidden.device, gemm_dtype, acc_dtype, shard,
-                        ref_from_hidden=args["ref_hidden"] is not None, chunk_size=args["chunk_size"],
-                        chunk_bytes=args["chunk_bytes"])
-    return Prepared(call, flat, None, topk, weights, shard, plan)
+    plan = chunked.make_plan(call, flat.shape[0], V, hidden.device, gemm_dtype, acc_dtype, None,
+                             ref_from_hidden=args["ref_hidden"] is not None, chunk_size=args["chunk_size"],
+                             chunk_bytes=args["chunk_bytes"])
+    shard = _shard(args["process_group"], V, flat, call, topk, weights)  # last: nothing raises after the check
+    return Prepared(call, flat, None, topk, weights, shard, plan._replace(shard=shard))
 
 
 # check_finite's cause of each non-finite value, by component and kind of value

@@ -1,4 +1,6 @@
 """How the passes see their tensors: the accumulation dtype and the (B, T, V) row view of any (..., V) layout."""
+import math
+
 import torch
 
 
@@ -17,8 +19,9 @@ def rows_3d(*xs):
     two leading dims that cannot be merged, costs a copy.
     """
     xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+    n = math.prod(xs[0].shape[:-1])  # not -1: a shard may have no reference column (0 elements)
     try:
-        return [x.view(1, -1, x.shape[-1]) for x in xs]
+        return [x.view(1, n, x.shape[-1]) for x in xs]
     except RuntimeError:
         pass
     T = xs[0].shape[-2]

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from transformers import Trainer
 
+from ..engine.sharding import call_inside
 from ..linear import linear_hrm_loss
 from ..loss import hrm_loss
 
@@ -118,10 +119,12 @@ class _Head(NamedTuple):
             bias = None if bias is None else bias * scale
         return hidden, bias, self.transform.cap
 
-    def logits(self, hidden):
-        """The logits as the fused path computes them (for the first-batch check)."""
-        hidden, bias, cap = self.projection(hidden)
-        logits = torch.nn.functional.linear(hidden, self.weight, bias)
+    def logits(self, lm_head, hidden):
+        """The logits the transform makes of lm_head(hidden) (for the first-batch check): the lm_head module
+        is called, so that under FSDP2 its own hooks (or the root's) gather its weight."""
+        logits = lm_head(hidden)
+        scale, cap = self.transform.scale, self.transform.cap
+        logits = logits if scale is None else logits * scale
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
@@ -142,7 +145,8 @@ def _reproduces(model, head, inputs):
     model.eval()
     try:
         own = model(**inputs).logits
-        mine = head.logits(head.base(**inputs).last_hidden_state)
+        mine = call_inside(model, lambda **kw: head.logits(model.get_output_embeddings(),
+                                                           head.base(**kw).last_hidden_state), inputs)
     finally:
         model.train(training)
     tol = HEAD_TOLERANCE.get(own.dtype, HEAD_TOLERANCE_LOW)
@@ -281,7 +285,8 @@ class HRMDistillTrainer(Trainer):
         head = self._heads["teacher"]
         with torch.no_grad():
             if fused_student and head is not None:
-                hidden, bias, cap = head.projection(head.base(**inputs).last_hidden_state)
+                last = call_inside(self.teacher_model, head.base, inputs).last_hidden_state
+                hidden, bias, cap = head.projection(last)
                 return dict(ref_hidden=_shift(hidden), ref_weight=head.weight, ref_bias=bias, ref_softcap=cap)
             return dict(ref_logits=_shift(self.teacher_model(**inputs).logits))
 
@@ -304,7 +309,8 @@ class HRMDistillTrainer(Trainer):
                     **self.loss_options)
         outputs = None
         if head is not None:
-            hidden, bias, cap = head.projection(head.base(**inputs).last_hidden_state)
+            # FSDP2: the base runs inside the root's hooks (its embeddings, final norm gathered)
+            hidden, bias, cap = head.projection(call_inside(model, head.base, inputs).last_hidden_state)
             if cap is not None:
                 opts["softcap"] = cap
             out = linear_hrm_loss(_shift(hidden), head.weight, labels, bias=bias, **teacher, **opts)
