@@ -6,13 +6,14 @@ key), exit status 2, no traceback.
 """
 import json
 
-import numpy as np
 import pytest
 
 from hrmloss.runs.cli import main
 from hrmloss.runs.logs import read_runs
 from hrmloss.runs.reports import grid_runs
 from hrmloss.runs.scaling import _check_runs
+
+from .test_cli import _fails  # (exit 2, one line on stderr, no traceback)
 
 
 def _one(path, **kw):
@@ -180,13 +181,6 @@ def test_a_resumed_run_is_read_the_same_by_report_and_fit_grid(tmp_path, capsys)
 
 # Bad files: one line, exit 2 ------------------------------------------------------------------------------
 
-def _fails(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 _GARBAGE = bytes(range(256)) * 4  # not UTF-8 (0x80 cannot start a character)
