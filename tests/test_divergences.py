@@ -58,16 +58,22 @@ def test_trl_gkd_beta(beta, kl):
     close(got, want)
 
 
+def _liger_inputs(seed):
+    """Student and teacher hidden states and heads (V = 23) and labels with every 4th ignored."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = torch.randn(10, 8, generator=g), torch.randn(23, 8, generator=g)
+    ht, wt = torch.randn(10, 6, generator=g), torch.randn(23, 6, generator=g)
+    y = torch.randint(0, 23, (10,), generator=g)
+    y[::4] = -100
+    return h, w, ht, wt, y
+
+
 @pytest.mark.parametrize("beta,kl", [(0.0, "forward"), (0.3, "jsd"), (0.7, "jsd"), (1.0, "reverse")])
 def test_liger_chunked_jsd(beta, kl):
     # Liger: weight_hard_loss * CE + weight_soft_loss * JSD_beta (means over counted tokens), logits / T for
     # the JSD only = weight_hard_loss * linear_hrm_loss(hrm = weight_soft_loss / weight_hard_loss)
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
-    g = torch.Generator().manual_seed(1)
-    h, w = torch.randn(10, 8, generator=g), torch.randn(23, 8, generator=g)
-    ht, wt = torch.randn(10, 6, generator=g), torch.randn(23, 6, generator=g)
-    y = torch.randint(0, 23, (10,), generator=g)
-    y[::4] = -100
+    h, w, ht, wt, y = _liger_inputs(seed=1)
     liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=0.8, weight_soft_loss=0.4, beta=beta, temperature=2.0,
                                             compiled=False, chunk_size=4)
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -87,11 +93,7 @@ def test_liger_weights_are_ce_weight_and_hrm(hard):
     # Liger's weight_hard_loss * CE + weight_soft_loss * JSD = linear_hrm_loss(hrm=soft, ce_weight=hard), hard = 0
     # (pure distillation) included
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
-    g = torch.Generator().manual_seed(3)
-    h, w = torch.randn(10, 8, generator=g), torch.randn(23, 8, generator=g)
-    ht, wt = torch.randn(10, 6, generator=g), torch.randn(23, 6, generator=g)
-    y = torch.randint(0, 23, (10,), generator=g)
-    y[::4] = -100
+    h, w, ht, wt, y = _liger_inputs(seed=3)
     liger = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=hard, weight_soft_loss=0.4, beta=0.3, temperature=2.0,
                                             compiled=False, chunk_size=4)
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
